@@ -1,0 +1,163 @@
+"""`sparsify(model, plan)`: swap every layer's gated MLP for a block-sparse one, restore on exit.
+
+    with ffcore.sparsify(model, SparsityPlan(densities=0.5, policy="oracle")):
+        logits = model(input_ids).logits
+
+Inside the context each layer's MLP runs prefill in blocks of `plan.block_size` tokens;
+the first/last block run dense (switches in the plan), every other block computes only
+its selected experts. Attention is untouched. Nested calls swap the plan of the existing
+wrappers (never double-wrap) and restore the outer plan on exit.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from typing import Any, Iterator
+
+import torch
+from torch import Tensor, nn
+
+from ffcore.models import decoder_layers, gated_mlps
+from ffcore.plan import SparsityPlan
+from ffcore.policies import SelectContext, SelectionPolicy, make_policy
+from ffcore.sparse_ffn import block_sparse_ffn, fused_ffn, split_dense_sparse
+
+_SESSION_ATTR = "_ffcore_session"
+
+
+@dataclasses.dataclass
+class _RunState:
+    """What the wrappers of one model share: the active plan and the current call's cache offset."""
+
+    plan: SparsityPlan
+    policy: SelectionPolicy
+    n_layers: int
+    offset: int = 0  # tokens already in the KV cache when the current forward started
+    group: int = 1  # sparse blocks per batched matmul (1 = per-block loop)
+    stats: dict[str, int] = dataclasses.field(default_factory=lambda: {"dense_tokens": 0, "sparse_tokens": 0})
+
+
+class SparseMLP(nn.Module):
+    """A block-sparse stand-in for one layer's gated MLP (holds the original for dense work and restore)."""
+
+    def __init__(self, original: nn.Module, layer: int, state: _RunState) -> None:
+        super().__init__()
+        self.original = original
+        self.layer = layer
+        self.state = state
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x [batch, T, d] -> [batch, T, d]."""
+        st = self.state
+        plan = st.plan
+        density = plan.density(self.layer, st.n_layers)
+        T = x.shape[1]
+        decode = T == 1 and st.offset > 0
+        if density >= 1.0 or plan.policy_name == "dense" and plan.compensator is None or (
+            decode and not plan.sparse_decode
+        ):
+            st.stats["dense_tokens"] += x.shape[0] * T
+            return self.original(x)
+        fused = fused_ffn(self.original)
+        k = max(1, min(fused.f, round(density * fused.f)))
+        if decode:
+            dense, sparse = [], [(0, 1)]
+        else:
+            dense, sparse = split_dense_sparse(T, plan.block_size, plan.dense_first, plan.dense_last, st.offset)
+        rows = []
+        for b in range(x.shape[0]):
+            xb = x[b]  # [T, d]
+            idx = None
+            if sparse:
+                ctx = SelectContext(self.layer, xb, sparse, k, fused, plan.block_size, decode, st.offset)
+                idx = st.policy.select(ctx)
+                _check_idx(idx, len(sparse), k, fused.f, st.policy)
+            y = block_sparse_ffn(xb, fused, dense, sparse, idx, self.original, st.group)
+            if plan.compensator is not None and sparse:
+                for j, (s, e) in enumerate(sparse):
+                    y[s:e] += plan.compensator(self.layer, xb[s:e], idx[j])
+            rows.append(y)
+        st.stats["sparse_tokens"] += x.shape[0] * sum(e - s for s, e in sparse)
+        st.stats["dense_tokens"] += x.shape[0] * sum(e - s for s, e in dense)
+        return torch.stack(rows)
+
+
+def _check_idx(idx: Tensor, n_blocks: int, k: int, f: int, policy: Any) -> None:
+    if idx.shape != (n_blocks, k):
+        raise ValueError(f"policy {policy!r} returned experts of shape {tuple(idx.shape)}, expected {(n_blocks, k)}")
+
+
+@dataclasses.dataclass
+class _Session:
+    """The wrappers, hooks and plan stack installed on one model."""
+
+    layers: list[nn.Module]
+    originals: list[nn.Module]
+    wrappers: list[SparseMLP]
+    state: _RunState
+    hook: Any
+    plans: list[tuple[SparsityPlan, SelectionPolicy]]
+
+
+def _policy_for(plan: SparsityPlan) -> SelectionPolicy:
+    return make_policy(plan.policy, plan.seed) if isinstance(plan.policy, str) else plan.policy
+
+
+def _pre_forward(state: _RunState):  # noqa: ANN202
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        mask = kwargs.get("attention_mask")
+        if mask is None and len(args) > 1 and isinstance(args[1], Tensor):
+            mask = args[1]
+        if isinstance(mask, Tensor) and mask.dim() == 2 and bool((mask == 0).any()):
+            raise ValueError(
+                "ffcore.sparsify: the batch has padding (attention_mask has zeros). Block boundaries would "
+                "fall at different tokens per row; run sequences one at a time, or batch only equal-length "
+                "sequences without padding."
+            )
+        state.offset = _cache_offset(kwargs)
+
+    return hook
+
+
+def _cache_offset(kwargs: dict) -> int:
+    cache_position = kwargs.get("cache_position")
+    if isinstance(cache_position, Tensor) and cache_position.numel():
+        return int(cache_position.reshape(-1)[0])
+    past = kwargs.get("past_key_values")
+    if past is not None and hasattr(past, "get_seq_length"):
+        return int(past.get_seq_length())
+    return 0
+
+
+@contextlib.contextmanager
+def sparsify(model: nn.Module, plan: SparsityPlan, group: int = 1) -> Iterator[_RunState]:
+    """Run `model` with block-sparse FFNs following `plan` inside the context; restore on exit."""
+    layers = list(decoder_layers(model))
+    plan.check_layers(len(layers))
+    policy = _policy_for(plan)
+    session: _Session | None = getattr(model, _SESSION_ATTR, None)
+    if session is not None:  # nested: swap the plan, keep the wrappers
+        session.plans.append((plan, policy))
+        session.state.plan, session.state.policy = plan, policy
+        try:
+            yield session.state
+        finally:
+            session.plans.pop()
+            session.state.plan, session.state.policy = session.plans[-1]
+        return
+    originals = gated_mlps(model)
+    state = _RunState(plan, policy, len(layers), group=group)
+    wrappers = [SparseMLP(mlp, i, state) for i, mlp in enumerate(originals)]
+    hook = model.register_forward_pre_hook(_pre_forward(state), with_kwargs=True)
+    session = _Session(layers, originals, wrappers, state, hook, [(plan, policy)])
+    try:
+        for layer, w in zip(layers, wrappers):
+            layer.mlp = w
+        setattr(model, _SESSION_ATTR, session)
+        yield state
+    finally:
+        for layer, mlp in zip(layers, originals):
+            layer.mlp = mlp
+        hook.remove()
+        if hasattr(model, _SESSION_ATTR):
+            delattr(model, _SESSION_ATTR)

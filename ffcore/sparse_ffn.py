@@ -1,0 +1,194 @@
+"""The block-sparse gated FFN: fused weight layout, block layout, and the fast compute path.
+
+Layout (built once per MLP, cached): `w_gu[j] = concat(W_gate[j], W_up[j])` ([f, 2d]) so one
+row gather serves gate and up, and `w_down_t = W_down^T` ([f, d]) so an expert's down
+weights are one contiguous row. A sparse block with experts `idx` ([K]) then costs two
+row gathers and two dense matmuls of size K instead of f.
+"""
+from __future__ import annotations
+
+import dataclasses
+import weakref
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+@dataclasses.dataclass
+class FusedFFN:
+    """Derived weights of one gated MLP in the engine's layout."""
+
+    w_gu: Tensor  # [f, 2d]
+    w_down_t: Tensor  # [f, d]
+    b_gu: Tensor | None  # [f, 2] (gate, up) biases, or None
+    b_down: Tensor | None  # [d]
+    act: Callable[[Tensor], Tensor]
+    act_name: str  # 'silu', 'gelu_tanh', 'gelu' or 'other' (the Triton path needs a known one)
+    stamp: tuple  # identity + version of the source weights, to detect in-place changes
+
+    @property
+    def d(self) -> int:
+        """Hidden size."""
+        return self.w_down_t.shape[1]
+
+    @property
+    def f(self) -> int:
+        """Intermediate size."""
+        return self.w_down_t.shape[0]
+
+
+_CACHE: "weakref.WeakKeyDictionary[nn.Module, FusedFFN]" = weakref.WeakKeyDictionary()
+
+
+def _stamp(mlp: nn.Module) -> tuple:
+    ps = [mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight]
+    return tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in ps)
+
+
+def _act_name(act: nn.Module) -> str:
+    name = type(act).__name__.lower()
+    if "silu" in name or "swish" in name:
+        return "silu"
+    if "gelu" in name and ("tanh" in name or getattr(act, "approximate", "") == "tanh"):
+        return "gelu_tanh"
+    if "gelu" in name:
+        return "gelu"
+    return "other"
+
+
+def fused_ffn(mlp: nn.Module) -> FusedFFN:
+    """The fused layout of a gated MLP, built on first use and cached until its weights change."""
+    stamp = _stamp(mlp)
+    hit = _CACHE.get(mlp)
+    if hit is not None and hit.stamp == stamp:
+        return hit
+    with torch.no_grad():
+        wg, wu, wd = mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight  # [f,d],[f,d],[d,f]
+        w_gu = torch.cat([wg, wu], dim=1).contiguous()  # [f, 2d]
+        w_down_t = wd.t().contiguous()  # [f, d]
+        bg, bu = mlp.gate_proj.bias, mlp.up_proj.bias
+        b_gu = None
+        if bg is not None or bu is not None:
+            zeros = torch.zeros(wg.shape[0], dtype=wg.dtype, device=wg.device)
+            b_gu = torch.stack([bg if bg is not None else zeros, bu if bu is not None else zeros], 1)  # [f, 2]
+        b_down = None if mlp.down_proj.bias is None else mlp.down_proj.bias.detach().clone()
+    fused = FusedFFN(w_gu, w_down_t, b_gu, b_down, mlp.act_fn, _act_name(mlp.act_fn), stamp)
+    _CACHE[mlp] = fused
+    return fused
+
+
+def clear_cache() -> None:
+    """Drop every cached fused layout (frees the duplicated FFN weights)."""
+    _CACHE.clear()
+
+
+# ----------------------------------------------------------------------------- blocks
+def block_spans(T: int, block_size: int) -> list[tuple[int, int]]:
+    """[start, end) of each block of a T-token sequence; the last block may be partial."""
+    return [(s, min(s + block_size, T)) for s in range(0, T, block_size)]
+
+
+def split_dense_sparse(
+    T: int, block_size: int, dense_first: bool, dense_last: bool, offset: int = 0,
+) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """Split a sequence's blocks into (dense spans, sparse spans).
+
+    `offset` > 0 means this call continues an earlier prefill (KV cache): its first block
+    does not hold the sequence's sinks, so `dense_first` does not apply to it.
+    """
+    spans = block_spans(T, block_size)
+    dense_ids = set()
+    if dense_first and offset == 0:
+        dense_ids.add(0)
+    if dense_last:
+        dense_ids.add(len(spans) - 1)
+    dense = [s for i, s in enumerate(spans) if i in dense_ids]
+    sparse = [s for i, s in enumerate(spans) if i not in dense_ids]
+    return dense, sparse
+
+
+# ----------------------------------------------------------------------------- compute
+def dense_activations(x: Tensor, fused: FusedFFN) -> Tensor:
+    """Intermediate activations h = act(x Wg^T) * (x Wu^T) of all f neurons: [n, d] -> [n, f]."""
+    gu = F.linear(x, fused.w_gu.view(2 * fused.f, fused.d))  # [n, 2f] interleaved (gate_j, up_j)
+    gu = gu.view(x.shape[0], fused.f, 2)  # [n, f, 2]
+    if fused.b_gu is not None:
+        gu = gu + fused.b_gu
+    return fused.act(gu[..., 0]) * gu[..., 1]
+
+
+def _w_gu_rows(fused: FusedFFN) -> Tensor:
+    """w_gu viewed as [2f, d] rows ordered (gate_0, up_0, gate_1, up_1, ...)."""
+    return fused.w_gu.view(2 * fused.f, fused.d)
+
+
+def sparse_block_forward(x: Tensor, fused: FusedFFN, idx: Tensor) -> Tensor:
+    """FFN output of one block using only experts `idx`: x [n, d], idx [K] -> [n, d] (no down bias)."""
+    K = idx.numel()
+    w = fused.w_gu.index_select(0, idx).view(2 * K, fused.d)  # [K, 2d] -> [2K, d] (gate_k, up_k) pairs
+    gu = F.linear(x, w).view(x.shape[0], K, 2)  # [n, 2K] -> [n, K, 2]
+    if fused.b_gu is not None:
+        gu = gu + fused.b_gu.index_select(0, idx)
+    h = fused.act(gu[..., 0]) * gu[..., 1]  # [n, K]
+    return h @ fused.w_down_t.index_select(0, idx)  # [n, K] @ [K, d] -> [n, d]
+
+
+def sparse_blocks_batched(x: Tensor, fused: FusedFFN, starts: Sequence[int], n: int, idx: Tensor) -> Tensor:
+    """Several full blocks at once: n rows from each start, idx [nb, K] -> [nb, n, d] (no down bias)."""
+    nb, K = idx.shape
+    xb = torch.stack([x[s : s + n] for s in starts])  # [nb, n, d]
+    flat = idx.reshape(-1)
+    w = fused.w_gu.index_select(0, flat).view(nb, 2 * K, fused.d)  # [nb*K, 2d] -> [nb, 2K, d]
+    gu = torch.bmm(xb, w.transpose(1, 2)).view(nb, n, K, 2)  # [nb, n, 2K] -> [nb, n, K, 2]
+    if fused.b_gu is not None:
+        gu = gu + fused.b_gu.index_select(0, flat).view(nb, 1, K, 2)
+    h = fused.act(gu[..., 0]) * gu[..., 1]  # [nb, n, K]
+    wd = fused.w_down_t.index_select(0, flat).view(nb, K, fused.d)  # [nb, K, d]
+    return torch.bmm(h, wd)
+
+
+def dense_rows_forward(x: Tensor, fused: FusedFFN) -> Tensor:
+    """Dense FFN over rows x [n, d] -> [n, d] through the fused layout (no down bias)."""
+    return dense_activations(x, fused) @ fused.w_down_t
+
+
+def block_sparse_ffn(
+    x: Tensor, fused: FusedFFN, dense_spans: Sequence[tuple[int, int]],
+    sparse_spans: Sequence[tuple[int, int]], idx: Tensor | None, dense_fn: Callable[[Tensor], Tensor],
+    group: int = 1,
+) -> Tensor:
+    """One sequence's FFN output [T, d]: dense spans through `dense_fn`, sparse spans with experts idx [ns, K].
+
+    `group` > 1 runs that many full-size sparse blocks per batched matmul; 1 loops per block
+    (faster on CPU, where a block's gathered weights stay in cache).
+    """
+    out = torch.empty_like(x)
+    for s, e in dense_spans:
+        out[s:e] = dense_fn(x[s:e])
+    if sparse_spans:
+        assert idx is not None and idx.shape[0] == len(sparse_spans)
+        if group > 1:
+            _sparse_grouped(x, fused, sparse_spans, idx, group, out)
+        else:
+            for j, (s, e) in enumerate(sparse_spans):
+                out[s:e] = sparse_block_forward(x[s:e], fused, idx[j])
+        if fused.b_down is not None:
+            for s, e in sparse_spans:
+                out[s:e] += fused.b_down
+    return out
+
+
+def _sparse_grouped(x: Tensor, fused: FusedFFN, spans: Sequence[tuple[int, int]], idx: Tensor,
+                    group: int, out: Tensor) -> None:
+    full = [j for j, (s, e) in enumerate(spans) if e - s == spans[0][1] - spans[0][0]]
+    n = spans[0][1] - spans[0][0]
+    for g in range(0, len(full), group):
+        ids = full[g : g + group]
+        y = sparse_blocks_batched(x, fused, [spans[j][0] for j in ids], n, idx[ids])
+        for k, j in enumerate(ids):
+            out[spans[j][0] : spans[j][1]] = y[k]
+    for j, (s, e) in enumerate(spans):
+        if j not in full:
+            out[s:e] = sparse_block_forward(x[s:e], fused, idx[j])
