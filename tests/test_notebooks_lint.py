@@ -1,0 +1,71 @@
+"""House rules for the committed notebooks in notebooks/ (and a check that the rules bite).
+
+Every notebook: first cell markdown; exactly one `parameters` cell that assigns PROFILE and
+SEED with flat `NAME = <literal>` statements only; committed clean (no outputs, no execution
+counts); functions defined in notebooks stay short (logic belongs in ffcore/).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+
+from ffcore import notebooks as nbs
+
+NOTEBOOK_DIR = Path(__file__).resolve().parents[1] / "notebooks"
+ALL_NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb")) if NOTEBOOK_DIR.is_dir() else []
+NOTEBOOK_PARAMS = [pytest.param(p, id=p.name) for p in ALL_NOTEBOOKS] or [
+    pytest.param(None, marks=pytest.mark.skip(reason=f"no notebooks in {NOTEBOOK_DIR} yet"), id="no-notebooks")
+]
+
+
+@pytest.mark.parametrize("path", NOTEBOOK_PARAMS)
+def test_notebook_follows_house_rules(path: Path) -> None:
+    assert nbs._NUMBERED.match(path.name), f"{path.name}: name it NN_topic.ipynb or the runner skips it"
+    nb = nbs.read(path)
+    nbformat.validate(nb)
+    problems = nbs.lint_notebook(nb)
+    assert not problems, f"{path.name}:\n  " + "\n  ".join(problems)
+
+
+# ------------------------------------------------------------------ the rules themselves
+
+
+def _nb(*cells: nbformat.NotebookNode) -> nbformat.NotebookNode:
+    return new_notebook(cells=list(cells))
+
+
+def _params(source: str) -> nbformat.NotebookNode:
+    return new_code_cell(source, metadata={"tags": ["parameters"]})
+
+
+def test_clean_notebook_passes() -> None:
+    short_fn = "def f(x):\n" + "    x += 1\n" * 13 + "    return x"
+    nb = _nb(new_markdown_cell("# Title"),
+             _params('PROFILE = "full"  # smoke | quick | full\nSEED = 0\nN: int = -3\nMODELS = ("a", "b")'),
+             new_code_cell("%matplotlib inline\nimport ffcore\n" + short_fn))
+    assert nbs.lint_notebook(nb) == []
+
+
+def test_dirty_notebook_is_caught() -> None:
+    long_fn = "def too_long(x):\n" + "    x += 1\n" * 15 + "    return x"
+    executed = new_code_cell("print(1)", execution_count=3)
+    executed.outputs = [nbformat.v4.new_output("stream", text="1\n")]
+    nb = _nb(new_code_cell("import os"),
+             _params("PROFILE = 'full'\nSTEPS = 10 * 2\nA = B = 1\nimport os"),
+             executed, new_code_cell(long_fn))
+    problems = "\n".join(nbs.lint_notebook(nb))
+    assert "first cell must be markdown" in problems
+    assert "does not assign SEED" in problems
+    assert "'STEPS = 10 * 2' is not `NAME = <literal>`" in problems
+    assert "'A = B = 1'" in problems and "'import os'" in problems
+    assert "cell 2: has stored outputs" in problems and "cell 2: has an execution count" in problems
+    assert "cell 3: function too_long() is 17 lines" in problems
+
+
+def test_parameters_cell_must_exist_once() -> None:
+    assert any("no cell tagged 'parameters'" in p for p in nbs.lint_notebook(_nb(new_markdown_cell("# t"))))
+    two = _nb(new_markdown_cell("# t"), _params("PROFILE = 'a'\nSEED = 0"), _params("SEED = 1"))
+    assert any("2 cells tagged 'parameters'" in p for p in nbs.lint_notebook(two))
