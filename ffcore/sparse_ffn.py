@@ -124,15 +124,28 @@ def _w_gu_rows(fused: FusedFFN) -> Tensor:
     return fused.w_gu.view(2 * fused.f, fused.d)
 
 
-def sparse_block_forward(x: Tensor, fused: FusedFFN, idx: Tensor) -> Tensor:
+def _gate_times_up(g: Tensor, u: Tensor, fused: FusedFFN) -> Tensor:
+    """act(g) * u, in place in g where the activation allows it."""
+    if fused.act_name == "silu":
+        return F.silu(g, inplace=True).mul_(u)
+    if fused.act_name == "gelu_tanh":
+        return F.gelu(g, approximate="tanh").mul_(u)
+    return fused.act(g).mul_(u)
+
+
+def sparse_block_forward(x: Tensor, fused: FusedFFN, idx: Tensor, out: Tensor | None = None) -> Tensor:
     """FFN output of one block using only experts `idx`: x [n, d], idx [K] -> [n, d] (no down bias)."""
-    K = idx.numel()
-    w = fused.w_gu.index_select(0, idx).view(2 * K, fused.d)  # [K, 2d] -> [2K, d] (gate_k, up_k) pairs
-    gu = F.linear(x, w).view(x.shape[0], K, 2)  # [n, 2K] -> [n, K, 2]
+    d = fused.d
+    w = fused.w_gu.index_select(0, idx)  # [K, 2d]: one gather serves gate and up
+    g = torch.mm(x, w[:, :d].t())  # [n, K] (strided view: BLAS reads it in place)
+    u = torch.mm(x, w[:, d:].t())  # [n, K]
     if fused.b_gu is not None:
-        gu = gu + fused.b_gu.index_select(0, idx)
-    h = fused.act(gu[..., 0]) * gu[..., 1]  # [n, K]
-    return h @ fused.w_down_t.index_select(0, idx)  # [n, K] @ [K, d] -> [n, d]
+        b = fused.b_gu.index_select(0, idx)  # [K, 2]
+        g += b[:, 0]
+        u += b[:, 1]
+    h = _gate_times_up(g, u, fused)  # [n, K]
+    wd = fused.w_down_t.index_select(0, idx)  # [K, d]: experts' down weights are contiguous rows
+    return torch.mm(h, wd, out=out) if out is not None else h @ wd
 
 
 def sparse_blocks_batched(x: Tensor, fused: FusedFFN, starts: Sequence[int], n: int, idx: Tensor) -> Tensor:
@@ -172,8 +185,12 @@ def block_sparse_ffn(
         if group > 1:
             _sparse_grouped(x, fused, sparse_spans, idx, group, out)
         else:
+            write_in_place = not x.requires_grad  # mm(out=) does not support autograd
             for j, (s, e) in enumerate(sparse_spans):
-                out[s:e] = sparse_block_forward(x[s:e], fused, idx[j])
+                if write_in_place:
+                    sparse_block_forward(x[s:e], fused, idx[j], out=out[s:e])
+                else:
+                    out[s:e] = sparse_block_forward(x[s:e], fused, idx[j])
         if fused.b_down is not None:
             for s, e in sparse_spans:
                 out[s:e] += fused.b_down

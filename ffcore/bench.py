@@ -1,0 +1,145 @@
+"""FFN-module benchmark: dense vs block-sparse, side by side in one process, medians of repeats.
+
+    python -m ffcore.bench --models smollm2-135m gemma3-270m --tokens 1024 2048 --densities 0.5
+
+Dense is the model's own MLP module on the whole sequence; sparse is the engine's compute
+path (`block_sparse_ffn`) with first/last blocks dense and fixed expert ids, so the number
+isolates the FFN compute (expert selection is a separate, FLOP-counted overhead). Dense and
+sparse repeats are interleaved so machine noise hits both alike.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import statistics
+import time
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+
+from ffcore.config import StrictConfig
+from ffcore.flops import ffn_ideal_speedup
+from ffcore.sparse_ffn import block_sparse_ffn, fused_ffn, split_dense_sparse
+
+
+@dataclasses.dataclass
+class FFNBenchConfig(StrictConfig):
+    """What the FFN benchmark measures."""
+
+    tokens: Sequence[int] = (1024, 2048, 4096, 8192)
+    densities: Sequence[float] = (0.5, 0.6, 0.7)
+    repeats: int = 7
+    warmup: int = 2
+    block_size: int = 128
+    dense_first: bool = True
+    dense_last: bool = True
+    group: int = 1
+    seed: int = 0
+
+
+def synthetic_mlp(d: int, f: int, act: str = "silu", seed: int = 0) -> nn.Module:
+    """A gated MLP of a given shape with random weights (speed does not depend on the values)."""
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    torch.manual_seed(seed)
+    act_name = {"silu": "silu", "gelu_tanh": "gelu_pytorch_tanh"}[act]
+    return LlamaMLP(LlamaConfig(hidden_size=d, intermediate_size=f, hidden_act=act_name)).eval()
+
+
+def _time(fn: Callable[[], Any]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def random_experts(n_blocks: int, f: int, k: int, seed: int) -> torch.Tensor:
+    """Sorted random expert ids [n_blocks, k] (timing does not depend on which experts)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.stack([torch.randperm(f, generator=g)[:k] for _ in range(n_blocks)]).sort(-1).values
+
+
+@torch.no_grad()
+def bench_ffn(mlp: nn.Module, cfg: FFNBenchConfig, label: str = "") -> list[dict[str, Any]]:
+    """Dense vs sparse FFN time at every (tokens, density); one flat record each."""
+    fused = fused_ffn(mlp)
+    d, f = fused.d, fused.f
+    dtype = fused.w_gu.dtype
+    rows = []
+    for T in cfg.tokens:
+        x = torch.randn(T, d, generator=torch.Generator().manual_seed(cfg.seed), dtype=torch.float32).to(dtype)
+        dense_spans, sparse_spans = split_dense_sparse(T, cfg.block_size, cfg.dense_first, cfg.dense_last)
+        for density in cfg.densities:
+            k = max(1, round(density * f))
+            idx = random_experts(len(sparse_spans), f, k, cfg.seed)
+            run_dense = lambda: mlp(x)  # noqa: E731
+            run_sparse = lambda: block_sparse_ffn(x, fused, dense_spans, sparse_spans, idx, mlp, cfg.group)  # noqa: E731
+            torch.testing.assert_close(  # sanity: same function at full K is checked in tests;
+                run_sparse()[: cfg.block_size], run_dense()[: cfg.block_size], rtol=1e-4, atol=1e-4
+            )  # here the dense first block must agree
+            for _ in range(cfg.warmup):
+                run_dense(), run_sparse()
+            td, ts = [], []
+            for _ in range(cfg.repeats):
+                td.append(_time(run_dense))
+                ts.append(_time(run_sparse))
+            dense_s, sparse_s = statistics.median(td), statistics.median(ts)
+            ideal = ffn_ideal_speedup(T, k / f, cfg.block_size, cfg.dense_first, cfg.dense_last)
+            rows.append({
+                "model": label, "d": d, "f": f, "T": T, "density": density, "k": k,
+                "dense_ms": dense_s * 1e3, "sparse_ms": sparse_s * 1e3,
+                "speedup": dense_s / sparse_s, "ideal_speedup": ideal,
+                "fraction_of_ideal": (dense_s / sparse_s) / ideal,
+                "repeats": cfg.repeats, "threads": torch.get_num_threads(),
+            })
+    return rows
+
+
+def bench_models(models: Sequence[str], cfg: FFNBenchConfig, layer: int = 0) -> list[dict[str, Any]]:
+    """`bench_ffn` on one layer's MLP of each named model (real weights)."""
+    from ffcore.models import gated_mlps, load_model
+
+    rows = []
+    for key in models:
+        model, _ = load_model(key)
+        rows += bench_ffn(gated_mlps(model)[layer], cfg, label=key)
+    return rows
+
+
+def format_table(rows: Sequence[dict[str, Any]]) -> str:
+    """A plain-text table of benchmark records."""
+    head = f"{'model':<14}{'T':>6}{'dens':>6}{'dense ms':>10}{'sparse ms':>11}{'speedup':>9}{'ideal':>7}{'frac':>6}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(
+            f"{r['model']:<14}{r['T']:>6}{r['density']:>6.2f}{r['dense_ms']:>10.1f}{r['sparse_ms']:>11.1f}"
+            f"{r['speedup']:>9.2f}{r['ideal_speedup']:>7.2f}{r['fraction_of_ideal']:>6.2f}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """CLI: print the dense-vs-sparse FFN table (and write JSON with --json)."""
+    p = argparse.ArgumentParser(prog="python -m ffcore.bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", nargs="+", default=["smollm2-135m", "gemma3-270m"])
+    p.add_argument("--tokens", nargs="+", type=int, default=[1024, 2048, 4096, 8192])
+    p.add_argument("--densities", nargs="+", type=float, default=[0.5, 0.6, 0.7])
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--group", type=int, default=1)
+    p.add_argument("--json", default=None, help="also write the records to this JSON file")
+    a = p.parse_args(argv)
+    cfg = FFNBenchConfig(tokens=a.tokens, densities=a.densities, repeats=a.repeats, group=a.group)
+    rows = bench_models(a.models, cfg)
+    print(format_table(rows))
+    if a.json:
+        import json
+
+        from ffcore.results import provenance
+
+        with open(a.json, "w") as fh:
+            json.dump({"provenance": provenance("cli"), "config": cfg.to_dict(), "rows": rows}, fh, indent=2)
+
+
+if __name__ == "__main__":
+    main()
