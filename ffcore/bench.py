@@ -143,3 +143,30 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+@torch.no_grad()
+def bench_ttft(
+    model: nn.Module, input_ids: torch.Tensor, plan: Any, repeats: int = 3, warmup: int = 1,
+) -> dict[str, Any]:
+    """Time-to-first-token (one prefill forward, logits of the last token) dense vs under `plan`, interleaved."""
+    from ffcore.engine import sparsify
+
+    def dense() -> None:
+        model(input_ids, use_cache=False, logits_to_keep=1)
+
+    def sparse() -> None:
+        with sparsify(model, plan):
+            model(input_ids, use_cache=False, logits_to_keep=1)
+
+    for _ in range(warmup):
+        dense(), sparse()
+    td, ts = [], []
+    for _ in range(repeats):
+        td.append(_time(dense))
+        ts.append(_time(sparse))
+    dense_s, sparse_s = statistics.median(td), statistics.median(ts)
+    return {
+        "T": int(input_ids.shape[1]), "dense_s": dense_s, "sparse_s": sparse_s, "speedup": dense_s / sparse_s,
+        "dense_all_s": td, "sparse_all_s": ts, "repeats": repeats, "plan": plan.describe(),
+    }
