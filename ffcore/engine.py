@@ -34,6 +34,7 @@ class _RunState:
     n_layers: int
     offset: int = 0  # tokens already in the KV cache when the current forward started
     group: int = 1  # sparse blocks per batched matmul (1 = per-block loop)
+    backend: str = "auto"  # 'auto' | 'torch' | 'triton' (see ffcore.sparse_ffn.block_sparse_ffn)
     stats: dict[str, int] = dataclasses.field(default_factory=lambda: {"dense_tokens": 0, "sparse_tokens": 0})
 
 
@@ -72,7 +73,7 @@ class SparseMLP(nn.Module):
                 ctx = SelectContext(self.layer, xb, sparse, k, fused, plan.block_size, decode, st.offset)
                 idx = st.policy.select(ctx)
                 _check_idx(idx, len(sparse), k, fused.f, st.policy)
-            y = block_sparse_ffn(xb, fused, dense, sparse, idx, self.original, st.group)
+            y = block_sparse_ffn(xb, fused, dense, sparse, idx, self.original, st.group, st.backend)
             if plan.compensator is not None and sparse:
                 for j, (s, e) in enumerate(sparse):
                     y[s:e] += plan.compensator(self.layer, xb[s:e], idx[j])
@@ -130,8 +131,18 @@ def _cache_offset(kwargs: dict) -> int:
 
 
 @contextlib.contextmanager
-def sparsify(model: nn.Module, plan: SparsityPlan, group: int = 1) -> Iterator[_RunState]:
-    """Run `model` with block-sparse FFNs following `plan` inside the context; restore on exit."""
+def sparsify(
+    model: nn.Module, plan: SparsityPlan, group: int = 1, backend: str = "auto",
+) -> Iterator[_RunState]:
+    """Run `model` with block-sparse FFNs following `plan` inside the context; restore on exit.
+
+    backend: 'auto' (Triton kernels for CUDA inputs, the torch fast path otherwise),
+    'torch', or 'triton' (on CPU only under TRITON_INTERPRET=1, for tests).
+    """
+    from ffcore.sparse_ffn import BACKENDS
+
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
     layers = list(decoder_layers(model))
     plan.check_layers(len(layers))
     policy = _policy_for(plan)
@@ -146,7 +157,7 @@ def sparsify(model: nn.Module, plan: SparsityPlan, group: int = 1) -> Iterator[_
             session.state.plan, session.state.policy = session.plans[-1]
         return
     originals = gated_mlps(model)
-    state = _RunState(plan, policy, len(layers), group=group)
+    state = _RunState(plan, policy, len(layers), group=group, backend=backend)
     wrappers = [SparseMLP(mlp, i, state) for i, mlp in enumerate(originals)]
     hook = model.register_forward_pre_hook(_pre_forward(state), with_kwargs=True)
     session = _Session(layers, originals, wrappers, state, hook, [(plan, policy)])

@@ -167,13 +167,39 @@ def dense_rows_forward(x: Tensor, fused: FusedFFN) -> Tensor:
     return dense_activations(x, fused) @ fused.w_down_t
 
 
+BACKENDS = ("auto", "torch", "triton")
+
+
+def resolve_backend(backend: str, x: Tensor, fused: FusedFFN) -> str:
+    """'auto' picks the Triton kernels for CUDA tensors they support, else the torch path."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+    triton_ok = fused.b_gu is None and fused.b_down is None and fused.act_name != "other"
+    if backend == "triton" and not triton_ok:
+        raise ValueError(
+            f"the Triton kernels support silu/gelu activations without FFN biases; this MLP has "
+            f"act {fused.act_name!r} and biases={fused.b_gu is not None}: use backend='torch'"
+        )
+    if backend == "auto":
+        return "triton" if x.is_cuda and triton_ok and _has_triton() else "torch"
+    return backend
+
+
+def _has_triton() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("triton") is not None
+
+
 def block_sparse_ffn(
     x: Tensor, fused: FusedFFN, dense_spans: Sequence[tuple[int, int]],
     sparse_spans: Sequence[tuple[int, int]], idx: Tensor | None, dense_fn: Callable[[Tensor], Tensor],
-    group: int = 1,
+    group: int = 1, backend: str = "auto",
 ) -> Tensor:
     """One sequence's FFN output [T, d]: dense spans through `dense_fn`, sparse spans with experts idx [ns, K].
 
+    backend: 'torch' (the CPU fast path), 'triton' (ffcore.kernels: all sparse blocks of the
+    layer in two launches), or 'auto' (Triton on CUDA, torch elsewhere). With the torch path,
     `group` > 1 runs that many full-size sparse blocks per batched matmul; 1 loops per block
     (faster on CPU, where a block's gathered weights stay in cache).
     """
@@ -182,6 +208,12 @@ def block_sparse_ffn(
         out[s:e] = dense_fn(x[s:e])
     if sparse_spans:
         assert idx is not None and idx.shape[0] == len(sparse_spans)
+        if resolve_backend(backend, x, fused) == "triton":
+            from ffcore.kernels import block_sparse_ffn as triton_block_sparse_ffn
+
+            starts = torch.tensor([s for s, _ in sparse_spans], dtype=torch.int32, device=x.device)
+            width = max(e - s for s, e in sparse_spans)  # the block size (a lone partial block: its length)
+            return triton_block_sparse_ffn(x, fused.w_gu, fused.w_down_t, starts, idx, width, fused.act_name, out=out)
         if group > 1:
             _sparse_grouped(x, fused, sparse_spans, idx, group, out)
         else:
