@@ -1,0 +1,144 @@
+"""Figures of notebook 02: per-block received attention (paper Figs. 4-5), sink share, schedules."""
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.ticker import MaxNLocator
+
+from ffcore.calibration import CalibrationResult
+from ffcore.plots import PALETTE
+
+FULL_COLOR, SLIDING_COLOR = PALETTE[1], PALETTE[0]
+
+
+def select_layers(n_layers: int, k: int = 6, must: Sequence[int] = ()) -> list[int]:
+    """`k` layers spread evenly from first to last, plus any `must` layers (sorted, unique)."""
+    picks = {int(round(x)) for x in np.linspace(0, n_layers - 1, min(k, n_layers))}
+    return sorted(picks | {int(m) for m in must if 0 <= m < n_layers})
+
+
+def _layer_label(r: CalibrationResult, i: int) -> str:
+    w = r.layer_windows[i]
+    return f"layer {i}" + ("" if w is None else f" (window {w})")
+
+
+def _colors(r: CalibrationResult) -> list[str]:
+    return [FULL_COLOR if w is None else SLIDING_COLOR for w in r.layer_windows]
+
+
+def _has_sliding(r: CalibrationResult) -> bool:
+    return any(w is not None for w in r.layer_windows)
+
+
+def _type_legend(ax: plt.Axes, r: CalibrationResult, extra: Sequence = ()) -> None:
+    from matplotlib.patches import Patch
+
+    handles = list(extra)
+    if _has_sliding(r):
+        handles = [Patch(color=FULL_COLOR, label="full attention"),
+                   Patch(color=SLIDING_COLOR, label=f"sliding window {max(w for w in r.layer_windows if w)}")] + handles
+    if handles:
+        ax.legend(handles=handles, loc="upper right", fontsize=8, frameon=True)
+
+
+def plot_block_histograms(
+    results: Mapping[str, CalibrationResult], k: int = 6, bins: int = 30,
+) -> plt.Figure:
+    """Paper Fig. 4: histograms of the attention each 128-token block receives (first block excluded).
+
+    One row per model, `k` selected layers per row (Gemma 3's full-attention layers are added).
+    A block's value is the mass its keys receive, summed over all queries, averaged over heads.
+    """
+    picks = {key: select_layers(r.n_layers, k, [i for i, w in enumerate(r.layer_windows) if w is None]
+                                if _has_sliding(r) else ()) for key, r in results.items()}
+    ncols = max(len(p) for p in picks.values())
+    fig, axes = plt.subplots(len(results), ncols, figsize=(2.5 * ncols, 2.5 * len(results)), squeeze=False)
+    for row, (key, r) in enumerate(results.items()):
+        vmax = max(float(r.block_values(i).max()) for i in picks[key])
+        edges = np.linspace(0, vmax * 1.02, bins + 1)
+        for col in range(ncols):
+            ax = axes[row, col]
+            if col >= len(picks[key]):
+                ax.axis("off")
+                continue
+            i = picks[key][col]
+            vals = r.block_values(i).numpy()
+            ax.hist(vals, bins=edges, color=_colors(r)[i], alpha=0.85)
+            ax.axvline(vals.mean(), color="k", lw=1, ls="--")
+            ax.set_title(_layer_label(r, i), fontsize=9)
+            ax.tick_params(labelsize=7)
+            if col == 0:
+                ax.set_ylabel(f"{key}\nblocks", fontsize=9)
+            if row == len(results) - 1:
+                ax.set_xlabel("attention received per block", fontsize=8)
+    fig.suptitle("Attention received per 128-token block, first (sink) block excluded (cf. paper Fig. 4);"
+                 " dashed: mean", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def plot_block_means(results: Mapping[str, CalibrationResult]) -> plt.Figure:
+    """Paper Fig. 5: mean attention received per non-first block, per layer (proportional to s_i)."""
+    fig, axes = plt.subplots(1, len(results), figsize=(6.2 * len(results), 3.4), squeeze=False)
+    for ax, (key, r) in zip(axes[0], results.items()):
+        m = r.mean_block_mass()
+        ax.bar(range(r.n_layers), m, color=_colors(r))
+        ax.set_title(key)
+        ax.set_xlabel("layer")
+        ax.set_ylabel("mean attention per block")
+        ax.set_xticks(range(0, r.n_layers, 2 if r.n_layers <= 20 else 3))
+        _type_legend(ax, r)
+    fig.suptitle(f"Mean attention received per 128-token block (first block excluded; "
+                 f"{next(iter(results.values())).seq_len}-token samples) (cf. paper Fig. 5)", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def plot_first_block_share(results: Mapping[str, CalibrationResult]) -> plt.Figure:
+    """Share of all attention that lands on the first (sink) block, per layer, per model."""
+    fig, axes = plt.subplots(1, len(results), figsize=(6.2 * len(results), 3.2), squeeze=False)
+    for ax, (key, r) in zip(axes[0], results.items()):
+        share = np.array(r.first_block_share())
+        ax.bar(range(r.n_layers), share, color=_colors(r))
+        # the share block 1 would get under uniform causal attention: sum_t min(B, t+1)/(t+1) / T
+        t = np.arange(r.seq_len)
+        uniform = float((np.minimum(r.block_size, t + 1) / (t + 1)).sum() / r.seq_len)
+        line = ax.axhline(uniform, color="k", ls=":", lw=1, label=f"uniform attention ({uniform:.2f})")
+        ax.set_ylim(0, 1)
+        ax.set_title(key)
+        ax.set_xlabel("layer")
+        ax.set_ylabel("share of attention on block 1")
+        ax.set_xticks(range(0, r.n_layers, 2 if r.n_layers <= 20 else 3))
+        _type_legend(ax, r, [line])
+    fig.suptitle("How much of the attention the first 128 tokens (the sinks) receive", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def plot_schedules(
+    schedules: Mapping[str, Mapping[float, Sequence[float]]], windows: Mapping[str, Sequence[int | None]] | None = None,
+) -> plt.Figure:
+    """Per-layer FFN density from Algorithm 1 for several budgets (dashed: the uniform plan)."""
+    fig, axes = plt.subplots(1, len(schedules), figsize=(6.2 * len(schedules), 3.6), squeeze=False)
+    for ax, (key, plans) in zip(axes[0], schedules.items()):
+        for c, (budget, dens) in enumerate(sorted(plans.items(), reverse=True)):
+            color = PALETTE[2 + c % (len(PALETTE) - 2)]
+            ax.plot(range(len(dens)), dens, marker="o", ms=3.5, color=color,
+                    label=f"{1 - budget:.0%} sparsity (density {budget:g})")
+            ax.axhline(budget, color=color, ls="--", lw=1)
+        if windows is not None:
+            for i, w in enumerate(windows[key]):
+                if w is None and any(x is not None for x in windows[key]):
+                    ax.axvline(i, color=FULL_COLOR, alpha=0.25, lw=6)
+        ax.set_ylim(0, 1.05)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_title(key + ("  (shaded: full-attention layers)" if windows and any(
+            x is not None for x in windows[key]) else ""), fontsize=10)
+        ax.set_xlabel("layer")
+        ax.set_ylabel("FFN density (1 - sparsity)")
+        ax.legend(fontsize=7, loc="lower left")
+    fig.suptitle("Layer-wise schedule (Algorithm 1) vs uniform (dashed)", fontsize=10)
+    fig.tight_layout()
+    return fig
