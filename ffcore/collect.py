@@ -1,0 +1,310 @@
+"""Activation collection: the dense model's FFN inputs and per-block oracle scores, sharded on disk.
+
+For every layer and every full `block_size`-token block of a sample we keep
+
+* `X`      : the FFN input (the post-attention norm output = the MLP's input), `[B, d]`, fp16;
+* `scores` : the block's oracle (GRIFFIN) neuron importance, `[f]`, fp32, computed at collection
+             time from the dense intermediate activations `h = act(W_gate x) * (W_up x)`.
+
+`X` is captured by a forward pre-hook on each layer's `mlp`, `h` by a forward pre-hook on its
+`down_proj` (whose input *is* `h`), so the model runs once and the FFN is never recomputed. The
+forward is cut short after the last layer's FFN (no final norm / lm head).
+
+Collections live in `out_dirs(profile).artifacts/<model>/collect_<split>/` as safetensors
+shards plus a `manifest.json` that records what was collected (model fingerprint, split,
+seq_len, n samples, seed, sources, block size, shard layout) and the provenance of every
+sample (its source and the document ids from `ffcore.data.token_samples`). A rerun with the
+same manifest key skips shards already on disk, so an interrupted collection resumes. Blocks
+are stored sample-major in block order, so "the first block of the same sample" is available
+to first-block-static baselines.
+
+The compensator reuses this: `load_collection(...).X` holds the FFN input of every token of
+every layer; dense / sparse FFN outputs can be recomputed from it and the weights.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ffcore.config import StrictConfig
+from ffcore.data import SOURCES, SPLITS, token_samples
+from ffcore.models import decoder_layers, gated_mlps, model_dims, model_fingerprint
+from ffcore.results import out_dirs
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+
+
+@dataclasses.dataclass
+class CollectConfig(StrictConfig):
+    """What to collect from one split.
+
+    split:             'calibration', 'train' or 'eval' (disjoint by document, see ffcore.data).
+    n_samples:         number of token samples of `seq_len` tokens.
+    seq_len:           tokens per sample; a multiple of `block_size` (only full blocks are kept).
+    seed:              seed of `token_samples` (document shuffle).
+    block_size:        tokens per block (paper: 128).
+    sources:           corpora to draw from, round-robin.
+    samples_per_shard: samples written per safetensors shard (bounds memory during collection).
+    batch_size:        samples per forward pass (equal lengths, no padding).
+    """
+
+    split: str = "train"
+    n_samples: int = 32
+    seq_len: int = 1024
+    seed: int = 0
+    block_size: int = 128
+    sources: tuple[str, ...] = SOURCES
+    samples_per_shard: int = 8
+    batch_size: int = 4
+
+    def __post_init__(self) -> None:
+        if self.split not in SPLITS:
+            raise ValueError(f"unknown split {self.split!r}; choose one of {SPLITS}")
+        if self.seq_len % self.block_size:
+            raise ValueError(f"seq_len {self.seq_len} is not a multiple of block_size {self.block_size}")
+        if min(self.n_samples, self.samples_per_shard, self.batch_size) < 1:
+            raise ValueError("n_samples, samples_per_shard and batch_size must be >= 1")
+        self.sources = tuple(self.sources)
+
+    @property
+    def blocks_per_sample(self) -> int:
+        """Full blocks in one sample."""
+        return self.seq_len // self.block_size
+
+
+@dataclasses.dataclass
+class Collection:
+    """A loaded collection: blocks in sample-major, block order."""
+
+    X: Tensor | None  # [n_blocks, n_layers, B, d] fp16 (None when loaded without X)
+    scores: Tensor  # [n_blocks, n_layers, f] fp32 oracle (GRIFFIN) scores
+    sample: Tensor  # [n_blocks] int64 sample index within the collection
+    position: Tensor  # [n_blocks] int64 block position within its sample (0 = first block)
+    layers: list[int]  # which model layers the second dim holds
+    manifest: dict[str, Any]
+
+    @property
+    def n_blocks(self) -> int:
+        """Number of blocks."""
+        return int(self.sample.numel())
+
+    def doc_ids(self) -> set[str]:
+        """Every document id any block of this collection came from."""
+        return {d for s in self.manifest["samples"] for d in s["doc_ids"]}
+
+    def subset(self, rows: Tensor) -> "Collection":
+        """The blocks at `rows` (a LongTensor or bool mask over blocks)."""
+        rows = rows.nonzero().squeeze(1) if rows.dtype == torch.bool else rows
+        X = None if self.X is None else self.X[rows]
+        return Collection(X, self.scores[rows], self.sample[rows], self.position[rows], self.layers, self.manifest)
+
+
+def model_slug(model_key: str) -> str:
+    """A folder name for a model key or a local checkpoint path."""
+    return Path(str(model_key).rstrip("/")).name or "model"
+
+
+def collection_dir(model_key: str, profile: str, split: str) -> Path:
+    """`out_dirs(profile).artifacts/<model>/collect_<split>/`."""
+    return out_dirs(profile).artifacts / model_slug(model_key) / f"collect_{split}"
+
+
+def manifest_key(cfg: CollectConfig, fingerprint: str) -> dict[str, Any]:
+    """The fields that decide whether shards on disk can be reused."""
+    return {
+        "format": FORMAT_VERSION, "fingerprint": fingerprint, "split": cfg.split, "n_samples": cfg.n_samples,
+        "seq_len": cfg.seq_len, "seed": cfg.seed, "block_size": cfg.block_size, "sources": list(cfg.sources),
+        "samples_per_shard": cfg.samples_per_shard,
+    }
+
+
+# ------------------------------------------------------------------------------ capture
+class _StopForward(Exception):
+    """Raised after the last layer's FFN input is captured: nothing downstream is needed."""
+
+
+def block_griffin_scores(h: Tensor, block_size: int) -> Tensor:
+    """GRIFFIN scores of every full block: h [b, T, f] -> [b, T // block_size, f] (fp32)."""
+    b, T, f = h.shape
+    nb = T // block_size
+    hb = h[:, : nb * block_size].float().reshape(b, nb, block_size, f)  # [b, T, f] -> [b, nb, B, f]
+    hb = hb / hb.norm(dim=-1, keepdim=True).clamp_min(1e-12)  # unit L2 norm per token
+    return hb.norm(dim=2)  # column L2 norm over the block's tokens -> [b, nb, f]
+
+
+@torch.no_grad()
+def capture_blocks(model: nn.Module, input_ids: Tensor, block_size: int) -> tuple[Tensor, Tensor]:
+    """One dense forward: X [b, nb, L, B, d] (fp16) and oracle scores [b, nb, L, f] (fp32)."""
+    layers = decoder_layers(model)
+    mlps = gated_mlps(model)
+    if any(getattr(layer.mlp, "original", None) is not None for layer in layers):
+        raise RuntimeError("capture_blocks needs the dense model; it is inside ffcore.sparsify")
+    b, T = input_ids.shape
+    nb = T // block_size
+    xs: list[Tensor | None] = [None] * len(mlps)
+    sc: list[Tensor | None] = [None] * len(mlps)
+
+    def x_hook(i: int):  # noqa: ANN202
+        def hook(mod: nn.Module, args: tuple) -> None:
+            x = args[0][:, : nb * block_size]  # [b, T, d]
+            xs[i] = x.reshape(b, nb, block_size, -1).to(torch.float16)  # -> [b, nb, B, d]
+        return hook
+
+    def h_hook(i: int):  # noqa: ANN202
+        def hook(mod: nn.Module, args: tuple) -> None:
+            sc[i] = block_griffin_scores(args[0], block_size)  # [b, T, f] -> [b, nb, f]
+            if i == len(mlps) - 1:
+                raise _StopForward
+        return hook
+
+    handles = []
+    try:
+        for i, mlp in enumerate(mlps):
+            handles.append(mlp.register_forward_pre_hook(x_hook(i)))
+            handles.append(mlp.down_proj.register_forward_pre_hook(h_hook(i)))
+        try:
+            model(input_ids=input_ids, use_cache=False)
+        except _StopForward:
+            pass
+    finally:
+        for hd in handles:
+            hd.remove()
+    if any(t is None for t in xs) or any(t is None for t in sc):
+        raise RuntimeError("not every layer's MLP ran; is this a supported decoder?")
+    return torch.stack(xs, dim=2), torch.stack(sc, dim=2)  # [b, nb, L, B, d], [b, nb, L, f]
+
+
+# ------------------------------------------------------------------------------ collect
+def _read_manifest(folder: Path) -> dict[str, Any] | None:
+    path = folder / MANIFEST
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
+    tmp = folder / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
+    os.replace(tmp, folder / MANIFEST)
+
+
+def collect(
+    model: nn.Module, tokenizer: Any, model_key: str, profile: str, cfg: CollectConfig,
+    folder: Path | None = None, progress: bool = True,
+) -> Path:
+    """Collect (or resume collecting) `cfg` for `model` into its collection folder; return the folder."""
+    from safetensors.torch import save_file
+    from tqdm.auto import tqdm
+
+    folder = Path(folder) if folder is not None else collection_dir(model_key, profile, cfg.split)
+    folder.mkdir(parents=True, exist_ok=True)
+    fp = model_fingerprint(model)
+    key = manifest_key(cfg, fp)
+    old = _read_manifest(folder)
+    if old is not None and old.get("key") != key:
+        print(f"[ffcore.collect] {folder}: settings or model changed; discarding the old collection")
+        for sh in old.get("shards", []):
+            (folder / sh["file"]).unlink(missing_ok=True)
+        (folder / MANIFEST).unlink()
+        old = None
+    samples = token_samples(tokenizer, cfg.split, cfg.seq_len, cfg.n_samples, cfg.sources, cfg.seed)
+    ids = samples["input_ids"]  # [n, seq_len]
+    dims = model_dims(model)
+    shards = [
+        {"file": f"shard_{j:05d}.safetensors", "samples": [s, min(s + cfg.samples_per_shard, cfg.n_samples)]}
+        for j, s in enumerate(range(0, cfg.n_samples, cfg.samples_per_shard))
+    ]
+    manifest = {
+        "key": key, "model": str(model_key), "d": dims["d"], "f": dims["f"], "L": dims["L"],
+        "blocks_per_sample": cfg.blocks_per_sample, "n_blocks": cfg.n_samples * cfg.blocks_per_sample,
+        "shards": shards, "complete": False,
+        "samples": [
+            {"index": i, "source": samples["source"][i], "doc_ids": samples["doc_ids"][i]} for i in range(cfg.n_samples)
+        ],
+    }
+    _write_manifest(folder, manifest)
+    todo = [sh for sh in shards if not (folder / sh["file"]).exists()]
+    t0 = time.time()
+    bar = tqdm(total=sum(b - a for a, b in (sh["samples"] for sh in todo)) * cfg.seq_len, unit="tok",
+               desc=f"collect {model_slug(model_key)}/{cfg.split}", disable=not progress or not todo)
+    for sh in todo:
+        a, b = sh["samples"]
+        xs, scs = [], []
+        for s in range(a, b, cfg.batch_size):
+            chunk = ids[s : min(s + cfg.batch_size, b)]
+            x, sc = capture_blocks(model, chunk, cfg.block_size)  # [bs, nb, L, B, d], [bs, nb, L, f]
+            xs.append(x.flatten(0, 1))  # -> [bs*nb, L, B, d]
+            scs.append(sc.flatten(0, 1))  # -> [bs*nb, L, f]
+            bar.update(chunk.numel())
+        sample = torch.arange(a, b).repeat_interleave(cfg.blocks_per_sample)  # [n_blocks_shard]
+        position = torch.arange(cfg.blocks_per_sample).repeat(b - a)  # [n_blocks_shard]
+        tensors = {"x": torch.cat(xs).contiguous(), "scores": torch.cat(scs).contiguous(),
+                   "sample": sample, "position": position}
+        tmp = folder / (sh["file"] + ".tmp")
+        save_file(tensors, str(tmp), metadata={"fingerprint": fp, "split": cfg.split})
+        os.replace(tmp, folder / sh["file"])  # a shard exists under its name only when complete
+    bar.close()
+    manifest["complete"] = True
+    manifest["collect_seconds"] = round(time.time() - t0, 1) if todo else manifest.get("collect_seconds", 0.0)
+    manifest["resumed_shards"] = len(shards) - len(todo)
+    _write_manifest(folder, manifest)
+    return folder
+
+
+def load_collection_dir(
+    folder: Path, layers: Sequence[int] | None = None, with_x: bool = True, fingerprint: str | None = None,
+) -> Collection:
+    """Load a collection folder (optionally only some layers, or without X); check the fingerprint if given."""
+    from safetensors import safe_open
+
+    folder = Path(folder)
+    manifest = _read_manifest(folder)
+    if manifest is None or not manifest.get("complete"):
+        raise FileNotFoundError(f"{folder}: no complete collection here; run ffcore.collect.collect(...) first")
+    if fingerprint is not None and manifest["key"]["fingerprint"] != fingerprint:
+        raise ValueError(
+            f"{folder} was collected from a model with fingerprint {manifest['key']['fingerprint']}, "
+            f"not {fingerprint}; collect again for this model"
+        )
+    L = manifest["L"]
+    layers = list(range(L)) if layers is None else [int(i) for i in layers]
+    if any(not 0 <= i < L for i in layers):
+        raise ValueError(f"layers {layers} out of range for a {L}-layer collection")
+    contiguous = layers == list(range(layers[0], layers[-1] + 1)) if layers else True
+    parts: dict[str, list[Tensor]] = {"x": [], "scores": [], "sample": [], "position": []}
+    for sh in manifest["shards"]:
+        with safe_open(str(folder / sh["file"]), framework="pt") as fh:
+            for name in ("scores", "x") if with_x else ("scores",):
+                sl = fh.get_slice(name)
+                if contiguous:
+                    t = sl[:, layers[0] : layers[-1] + 1]
+                else:
+                    t = torch.cat([sl[:, i : i + 1] for i in layers], dim=1)
+                parts[name].append(t)
+            parts["sample"].append(fh.get_tensor("sample"))
+            parts["position"].append(fh.get_tensor("position"))
+    X = torch.cat(parts["x"]) if with_x else None
+    return Collection(X, torch.cat(parts["scores"]), torch.cat(parts["sample"]), torch.cat(parts["position"]),
+                      layers, manifest)
+
+
+def load_collection(
+    model_key: str, profile: str, split: str, layers: Sequence[int] | None = None, with_x: bool = True,
+    fingerprint: str | None = None,
+) -> Collection:
+    """Load the collection of `model_key`/`split` written by `collect` for `profile`."""
+    return load_collection_dir(collection_dir(model_key, profile, split), layers, with_x, fingerprint)
+
+
+def collection_doc_ids(folder: Path) -> set[str]:
+    """Every document id recorded in a collection's manifest (no tensors loaded)."""
+    manifest = _read_manifest(Path(folder))
+    if manifest is None:
+        raise FileNotFoundError(f"{folder}: no manifest")
+    return {d for s in manifest["samples"] for d in s["doc_ids"]}

@@ -1,0 +1,630 @@
+"""The expert-neuron predictor (paper section 3.2): labels, model, training, artifacts, policy, metrics.
+
+Per layer `l` and block `X` ([N, d], the FFN input of the block's tokens):
+
+    a = softmax(q X^T / sqrt(d)) X          q: [d]        (single-head attention pool, eq. 12)
+    s = ReLU(a W1) W2                       W1: [d, r], W2: [r, f]   (eq. 13)
+
+with `r` the power of two at or above d/16. The block's experts are the top-K of `s`. All
+layers are stored and trained together (q [L, d], W1 [L, d, r], W2 [L, r, f]; einsum over L).
+
+Choices the paper leaves open (documented, all parameters of `PredictorConfig`):
+
+* **Biases**: none by default, as in eqs. (12)-(13) (`bias=False`); `bias=True` adds b1 [r]
+  and b2 [f].
+* **Labels**: the top `pos_frac` (50 %) of neurons by the block's oracle (GRIFFIN) score are
+  positives, weighted 32/16/8/4/2 for successive fifths of the positives by rank; negatives
+  weight 1 (DESIGN.md section 2.3 notes the paper's wording is ambiguous).
+* **Loss normalisation**: eq. (19) sums over neurons; we divide each block's weighted sum by
+  its total weight (a constant, 6.7 f for the default weights), so losses are comparable
+  across models, and average over blocks. Layers are independent; their losses are summed.
+* **Optimisation**: Adam; `q` starts at 0 (the pool starts as a plain mean). Training runs in
+  a *preconditioned* parameterisation: `q = u / sx` and `W1 = V / sa` with fixed per-layer,
+  per-dimension RMS scales `sx` (of the tokens' X) and `sa` (of the mean-pooled X) measured on
+  the training blocks, because post-norm FFN inputs have outlier dimensions hundreds of times
+  larger than the rest. The scales are folded back into q and W1 when training ends, so the
+  saved predictor has exactly the paper's architecture and no extra inference cost.
+* **Early stopping**: per layer, on the validation loss (a held-out 15 % of the training
+  *samples*, so neighbouring blocks of one sample never straddle the split): each layer keeps
+  the parameters of its best validation epoch; training stops when no layer has improved for
+  `patience` epochs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ffcore.collect import CollectConfig, Collection, model_slug
+from ffcore.config import StrictConfig
+from ffcore.models import model_dims, model_fingerprint
+from ffcore.policies import SelectContext, topk_sorted
+from ffcore.profiles import pick
+from ffcore.results import out_dirs
+
+ARTIFACT_STEM = "predictor"
+DENSITIES = (0.5, 0.6, 0.7)
+
+
+def predictor_rank(d: int) -> int:
+    """The predictor's bottleneck width r: the power of two at or above d/16."""
+    return 1 << max(0, math.ceil(math.log2(d / 16)))
+
+
+# ------------------------------------------------------------------------------ labels
+@dataclasses.dataclass
+class LabelConfig(StrictConfig):
+    """How oracle scores become weighted binary labels (paper section 3.2, 'Training')."""
+
+    pos_frac: float = 0.5
+    pos_weights: tuple[float, ...] = (32.0, 16.0, 8.0, 4.0, 2.0)
+    neg_weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.pos_frac < 1.0:
+            raise ValueError(f"pos_frac must be in (0, 1), got {self.pos_frac}")
+        if not self.pos_weights:
+            raise ValueError("pos_weights is empty")
+        self.pos_weights = tuple(float(w) for w in self.pos_weights)
+
+
+def make_labels(scores: Tensor, cfg: LabelConfig = LabelConfig()) -> tuple[Tensor, Tensor]:
+    """Binary labels and BCE weights from oracle scores: [..., f] -> (y [..., f], w [..., f]) float32.
+
+    The `round(pos_frac * f)` highest-scoring neurons are positives; positive of rank `k`
+    (0 = best) falls in group `floor(k * G / n_pos)` of `G = len(pos_weights)` near-equal
+    groups and gets that group's weight; negatives get `neg_weight`.
+    """
+    f = scores.shape[-1]
+    n_pos = max(1, min(f - 1, round(cfg.pos_frac * f)))
+    order = scores.argsort(dim=-1, descending=True, stable=True)  # [..., f] neuron ids by rank
+    rank = torch.empty_like(order)
+    rank.scatter_(-1, order, torch.arange(f, device=scores.device).expand_as(order))  # rank of each neuron
+    y = (rank < n_pos).float()
+    G = len(cfg.pos_weights)
+    group = (rank * G).div(n_pos, rounding_mode="floor").clamp_max(G - 1)
+    table = torch.tensor(cfg.pos_weights, dtype=torch.float32, device=scores.device)
+    w = torch.where(rank < n_pos, table[group], torch.full_like(y, cfg.neg_weight))
+    return y, w
+
+
+def weighted_bce(logits: Tensor, y: Tensor, w: Tensor) -> Tensor:
+    """Per-layer weighted BCE: logits/y/w [n, L, f] -> [L] (weight-normalised per block, mean over blocks)."""
+    per = F.binary_cross_entropy_with_logits(logits, y, reduction="none")  # [n, L, f]
+    return ((w * per).sum(-1) / w.sum(-1)).mean(0)
+
+
+# ------------------------------------------------------------------------------ the model
+def attention_pool(X: Tensor, q: Tensor) -> Tensor:
+    """a = softmax(q X^T / sqrt(d)) X per block and layer: X [n, L, N, d], q [L, d] -> a [n, L, d]."""
+    n, d = X.shape[0], X.shape[-1]
+    # both products keep X's row-major layout (q X^T and p X), the fast forms for CPU BLAS
+    logits = q[None, :, None, :].expand(n, -1, -1, -1) @ X.transpose(-1, -2)  # [n, L, 1, N]
+    return ((logits / math.sqrt(d)).softmax(dim=-1) @ X).squeeze(-2)  # [n, L, 1, d] -> [n, L, d]
+
+
+def mlp_scores(a: Tensor, w1: Tensor, w2: Tensor, b1: Tensor | None = None, b2: Tensor | None = None) -> Tensor:
+    """s = ReLU(a W1 + b1) W2 + b2 per layer: a [n, L, d] -> s [n, L, f]."""
+    hid = torch.einsum("bld,ldr->blr", a, w1)  # [n, L, r]
+    if b1 is not None:
+        hid = hid + b1
+    s = torch.einsum("blr,lrf->blf", hid.relu(), w2)  # [n, L, f]
+    return s if b2 is None else s + b2
+
+
+def pool_and_score(
+    X: Tensor, q: Tensor, w1: Tensor, w2: Tensor, b1: Tensor | None = None, b2: Tensor | None = None,
+) -> Tensor:
+    """The predictor for all layers: X [n, L, N, d] (q [L, d], w1 [L, d, r], w2 [L, r, f]) -> s [n, L, f]."""
+    return mlp_scores(attention_pool(X, q), w1, w2, b1, b2)
+
+
+class ExpertPredictor(nn.Module):
+    """Per-layer expert predictors, stacked over layers; also a `SelectionPolicy` (name 'predictor')."""
+
+    name = "predictor"
+
+    def __init__(self, L: int, d: int, f: int, r: int | None = None, bias: bool = False,
+                 meta: dict[str, Any] | None = None) -> None:
+        super().__init__()
+        r = predictor_rank(d) if r is None else r
+        self.L, self.d, self.f, self.r = L, d, f, r
+        self.q = nn.Parameter(torch.zeros(L, d))
+        self.w1 = nn.Parameter(torch.randn(L, d, r) / math.sqrt(d))
+        self.w2 = nn.Parameter(torch.randn(L, r, f) * math.sqrt(2.0 / r))
+        self.b1 = nn.Parameter(torch.zeros(L, r)) if bias else None
+        self.b2 = nn.Parameter(torch.zeros(L, f)) if bias else None
+        self.meta: dict[str, Any] = dict(meta or {})
+
+    @property
+    def bias(self) -> bool:
+        """Whether the predictor has biases."""
+        return self.b1 is not None
+
+    def forward(self, X: Tensor) -> Tensor:
+        """Scores of every layer: X [n, L, N, d] -> s [n, L, f]."""
+        p = next(self.parameters())
+        return pool_and_score(X.to(p.dtype), self.q, self.w1, self.w2, self.b1, self.b2)
+
+    def layer_scores(self, layer: int, xb: Tensor) -> Tensor:
+        """Scores of one layer for equal-length spans: xb [nb, n, d] -> s [nb, f]."""
+        p = self.q
+        xb = xb.to(device=p.device, dtype=p.dtype)
+        att = (xb @ self.q[layer]) / math.sqrt(self.d)  # [nb, n]
+        a = torch.einsum("bn,bnd->bd", att.softmax(dim=-1), xb)  # [nb, d]
+        hid = a @ self.w1[layer]  # [nb, r]
+        if self.b1 is not None:
+            hid = hid + self.b1[layer]
+        s = hid.relu() @ self.w2[layer]  # [nb, f]
+        return s if self.b2 is None else s + self.b2[layer]
+
+    @torch.no_grad()
+    def select(self, ctx: SelectContext) -> Tensor:
+        """Top-K predicted experts of every sparse span of ctx.x (any span length): [n_spans, K]."""
+        by_len: dict[int, list[int]] = {}
+        for j, (s, e) in enumerate(ctx.spans):
+            by_len.setdefault(e - s, []).append(j)
+        out = torch.empty(len(ctx.spans), ctx.k, dtype=torch.long, device=ctx.x.device)
+        for n, js in by_len.items():
+            xb = torch.stack([ctx.x[ctx.spans[j][0] : ctx.spans[j][0] + n] for j in js])  # [nb, n, d]
+            s = self.layer_scores(ctx.layer, xb)  # [nb, f]
+            out[js] = topk_sorted(s, ctx.k).to(ctx.x.device)
+        return out
+
+    def __repr__(self) -> str:
+        return f"ExpertPredictor(L={self.L}, d={self.d}, f={self.f}, r={self.r}, bias={self.bias})"
+
+
+# ------------------------------------------------------------------------------ artifacts
+def predictor_dir(model_key: str, profile: str) -> Path:
+    """`out_dirs(profile).artifacts/<model>/` (the predictor files are `predictor.*` there)."""
+    path = out_dirs(profile).artifacts / model_slug(model_key)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def save_predictor(pred: ExpertPredictor, folder: Path) -> Path:
+    """Write `predictor.safetensors` (all layers) and `predictor.json` (metadata) into `folder`."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in pred.state_dict().items()}
+    save_file(tensors, str(folder / f"{ARTIFACT_STEM}.safetensors"), metadata={"format": "pt"})
+    meta = {**pred.meta, "L": pred.L, "d": pred.d, "f": pred.f, "r": pred.r, "bias": pred.bias}
+    (folder / f"{ARTIFACT_STEM}.json").write_text(json.dumps(meta, indent=1) + "\n")
+    return folder / f"{ARTIFACT_STEM}.safetensors"
+
+
+def load_predictor(folder: Path, model: nn.Module | None = None) -> ExpertPredictor:
+    """Load a saved predictor; with `model`, refuse one trained for a different model (fingerprint/shape)."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    meta_path = folder / f"{ARTIFACT_STEM}.json"
+    if not meta_path.exists():
+        raise FileNotFoundError(f"{meta_path} does not exist: train the predictor first (notebook 03)")
+    meta = json.loads(meta_path.read_text())
+    if model is not None:
+        dims = model_dims(model)
+        want = {"L": dims["L"], "d": dims["d"], "f": dims["f"]}
+        got = {k: meta.get(k) for k in want}
+        if got != want:
+            raise ValueError(f"predictor in {folder} has shape {got} but the model has {want}; it belongs to "
+                             f"another model ({meta.get('model')!r})")
+        fp = model_fingerprint(model)
+        if meta.get("fingerprint") != fp:
+            raise ValueError(
+                f"predictor in {folder} was trained on model {meta.get('model')!r} with fingerprint "
+                f"{meta.get('fingerprint')}, but this model's fingerprint is {fp}; retrain it for this model"
+            )
+    pred = ExpertPredictor(meta["L"], meta["d"], meta["f"], meta["r"], meta["bias"], meta=meta)
+    state = load_file(str(folder / f"{ARTIFACT_STEM}.safetensors"))
+    pred.load_state_dict(state)
+    return pred.eval()
+
+
+# ------------------------------------------------------------------------------ training
+@dataclasses.dataclass
+class PredictorConfig(StrictConfig):
+    """Predictor training settings (see the module docstring for the choices).
+
+    Training runs in two phases over the same objective: (1) `q` fixed at 0, i.e. the pool
+    is the block mean, which is precomputed once, so an epoch costs only the tiny MLP and
+    up to `mean_pool_epochs` epochs are cheap; (2) everything jointly, `q` included, for up
+    to `max_epochs` epochs (each epoch reads every token's X four times). Both phases
+    early-stop per layer on the validation loss with `patience`.
+    """
+
+    rank: int | None = None  # None: the power of two at or above d/16
+    bias: bool = False
+    lr: float = 3e-3
+    lr_joint: float = 1e-3
+    weight_decay: float = 0.0
+    batch_blocks: int = 32
+    mean_pool_epochs: int = 200
+    max_epochs: int = 12
+    patience: int = 8
+    min_delta: float = 1e-4
+    val_frac: float = 0.15
+    precondition: bool = True
+    seed: int = 0
+    labels: LabelConfig = dataclasses.field(default_factory=LabelConfig)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.labels, dict):
+            self.labels = LabelConfig.from_dict(self.labels)
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """A trained predictor and its training record."""
+
+    predictor: ExpertPredictor
+    history: list[dict[str, Any]]  # one entry per epoch
+    best_epoch: list[int]  # per layer
+    seconds: float
+
+
+def _scales(X: Tensor, batch: int = 16) -> tuple[Tensor, Tensor]:
+    """Per-layer, per-dim RMS of tokens' X and of mean-pooled X: X [n, L, N, d] -> ([L, d], [L, d])."""
+    sx = torch.zeros(X.shape[1], X.shape[-1])
+    sa = torch.zeros_like(sx)
+    for i in range(0, X.shape[0], batch):
+        xb = X[i : i + batch].float()  # [b, L, N, d]
+        sx += xb.pow(2).mean(2).sum(0)
+        sa += xb.mean(2).pow(2).sum(0)
+    n = X.shape[0]
+    return (sx / n).sqrt().clamp_min(1e-6), (sa / n).sqrt().clamp_min(1e-6)
+
+
+def split_train_val(coll: Collection, val_frac: float, seed: int) -> tuple[Tensor, Tensor]:
+    """Block rows of the training and validation parts, split by sample: (train_rows, val_rows)."""
+    samples = coll.sample.unique()
+    n_val = 0 if len(samples) < 2 or val_frac <= 0 else max(1, round(val_frac * len(samples)))
+    perm = samples[torch.randperm(len(samples), generator=torch.Generator().manual_seed(seed))]
+    val = torch.isin(coll.sample, perm[:n_val])
+    return (~val).nonzero().squeeze(1), val.nonzero().squeeze(1)
+
+
+def _effective(raw: dict[str, Tensor], sx: Tensor | None, sa: Tensor | None) -> dict[str, Tensor]:
+    """The paper-architecture parameters from the preconditioned ones (q = u / sx, W1 = V / sa)."""
+    out = dict(raw)
+    if sx is not None:
+        out["q"] = raw["q"] / sx
+        out["w1"] = raw["w1"] / sa.unsqueeze(-1)  # [L, d, r] / [L, d, 1]
+    return out
+
+
+def _scores(p: dict[str, Tensor], X: Tensor | None, A: Tensor | None) -> Tensor:
+    """Predictor scores from X [n, L, N, d] (attention pool) or, in phase 1, from mean-pooled A [n, L, d]."""
+    a = attention_pool(X, p["q"]) if A is None else A
+    return mlp_scores(a, p["w1"], p["w2"], p.get("b1"), p.get("b2"))
+
+
+@dataclasses.dataclass
+class _Data:
+    """One part (train or validation) of the training blocks, in float32."""
+
+    X: Tensor  # [n, L, N, d]
+    A: Tensor  # [n, L, d] mean-pooled X
+    y: Tensor  # [n, L, f]
+    w: Tensor  # [n, L, f]
+    scores: Tensor  # [n, L, f]
+
+
+def _part(train: Collection, rows: Tensor, labels: LabelConfig) -> _Data:
+    X = train.X[rows].float()  # [n, L, N, d] (one conversion; batches are then views)
+    y, w = make_labels(train.scores[rows], labels)
+    return _Data(X, X.mean(2), y, w, train.scores[rows])
+
+
+@torch.no_grad()
+def _validate(p: dict[str, Tensor], data: _Data, phase1: bool, batch: int, k: int) -> tuple[Tensor, Tensor]:
+    """Mean per-layer loss [L] and captured mass at K [L] over a data part."""
+    tot, mass, n = 0.0, 0.0, data.y.shape[0]
+    for i in range(0, n, batch):
+        sl = slice(i, i + batch)
+        s = _scores(p, None if phase1 else data.X[sl], data.A[sl] if phase1 else None)
+        loss = weighted_bce(s, data.y[sl], data.w[sl])
+        sc = data.scores[sl]
+        m = sc.gather(-1, s.topk(k, dim=-1).indices).sum(-1) / sc.topk(k, dim=-1).values.sum(-1)  # [b, L]
+        tot, mass = tot + loss * s.shape[0], mass + m.sum(0)
+    return tot / n, mass / n
+
+
+class _Trainer:
+    """The training loop state shared by both phases (per-layer early stopping)."""
+
+    def __init__(self, raw: dict[str, Tensor], L: int, cfg: PredictorConfig, sx: Tensor | None, sa: Tensor | None):
+        self.raw, self.cfg, self.sx, self.sa = raw, cfg, sx, sa
+        self.best = {k: v.detach().clone() for k, v in raw.items()}
+        self.best_loss = torch.full((L,), float("inf"))
+        self.best_epoch = [0] * L
+        self.history: list[dict[str, Any]] = []
+        self.gen = torch.Generator().manual_seed(cfg.seed)
+        self.t0 = time.time()
+
+    def run(self, tr: _Data, va: _Data, phase: int, epochs: int, lr: float, progress: bool) -> None:
+        """Train up to `epochs` epochs of one phase (1: mean pool, q fixed; 2: joint)."""
+        from tqdm.auto import tqdm
+
+        cfg, phase1 = self.cfg, phase == 1
+        params = [v for k, v in self.raw.items() if not (phase1 and k == "q")]
+        opt = torch.optim.Adam(params, lr=lr, weight_decay=cfg.weight_decay)
+        n, L, f = tr.y.shape
+        k_half = max(1, round(0.5 * f))
+        stale = 0
+        for epoch in tqdm(range(1, epochs + 1), desc=f"predictor phase {phase}", disable=not progress, leave=False):
+            tot = torch.zeros(L)
+            starts = torch.randperm((n + cfg.batch_blocks - 1) // cfg.batch_blocks, generator=self.gen)
+            for b in (starts * cfg.batch_blocks).tolist():
+                sl = slice(b, b + cfg.batch_blocks)  # contiguous batches of pre-shuffled blocks
+                s = _scores(_effective(self.raw, self.sx, self.sa), None if phase1 else tr.X[sl],
+                            tr.A[sl] if phase1 else None)
+                loss = weighted_bce(s, tr.y[sl], tr.w[sl])  # [L]
+                opt.zero_grad(set_to_none=True)
+                loss.sum().backward()
+                opt.step()
+                tot += loss.detach() * s.shape[0]
+            eff = {k: v.detach() for k, v in _effective(self.raw, self.sx, self.sa).items()}
+            val_loss, val_mass = _validate(eff, va, phase1, cfg.batch_blocks, k_half)
+            stale = 0 if self._keep_best(val_loss, len(self.history) + 1) else stale + 1
+            self.history.append({
+                "epoch": len(self.history) + 1, "phase": phase, "train_loss": float((tot / n).mean()),
+                "val_loss": float(val_loss.mean()), "val_mass_at_0.5": float(val_mass.mean()),
+                "train_loss_per_layer": (tot / n).tolist(), "val_loss_per_layer": val_loss.tolist(),
+                "seconds": round(time.time() - self.t0, 2),
+            })
+            if stale >= cfg.patience:
+                break
+        with torch.no_grad():  # the next phase starts from every layer's best parameters
+            for k, v in self.raw.items():
+                v.copy_(self.best[k])
+
+    def _keep_best(self, val_loss: Tensor, epoch: int) -> bool:
+        improved = val_loss < self.best_loss - self.cfg.min_delta  # [L]
+        for k, v in self.raw.items():
+            self.best[k][improved] = v.detach()[improved]
+        self.best_loss = torch.where(improved, val_loss, self.best_loss)
+        for layer in improved.nonzero().flatten().tolist():
+            self.best_epoch[layer] = epoch
+        return bool(improved.any())
+
+
+def train_predictor(
+    train: Collection, cfg: PredictorConfig = PredictorConfig(), meta: dict[str, Any] | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Train all layers' predictors at once on a training collection (Adam, early stopping per layer)."""
+    if train.X is None:
+        raise ValueError("the training collection was loaded without X")
+    t0 = time.time()
+    torch.manual_seed(cfg.seed)
+    n, L, N, d = train.X.shape
+    f = train.scores.shape[-1]
+    tr_rows, va_rows = split_train_val(train, cfg.val_frac, cfg.seed)
+    tr_rows = tr_rows[torch.randperm(len(tr_rows), generator=torch.Generator().manual_seed(cfg.seed))]
+    tr = _part(train, tr_rows, cfg.labels)
+    va = _part(train, va_rows, cfg.labels) if len(va_rows) else tr  # too few samples: stop on train loss
+    pred = ExpertPredictor(L, d, f, cfg.rank, cfg.bias)
+    sx, sa = _scales(tr.X) if cfg.precondition else (None, None)
+    raw = {k: p.detach().clone() for k, p in pred.named_parameters()}
+    if sx is not None:  # V ~ N(0, 1/d) on unit-scale inputs; u = 0
+        raw["w1"] = torch.randn(L, d, pred.r) / math.sqrt(d)
+    raw = {k: v.requires_grad_(True) for k, v in raw.items()}
+    trainer = _Trainer(raw, L, cfg, sx, sa)
+    if cfg.mean_pool_epochs:
+        trainer.run(tr, va, 1, cfg.mean_pool_epochs, cfg.lr, progress)
+    if cfg.max_epochs:
+        trainer.run(tr, va, 2, cfg.max_epochs, cfg.lr_joint, progress)
+    eff = _effective(trainer.best, sx, sa)  # fold the preconditioning into q and W1
+    with torch.no_grad():
+        for key, p in pred.named_parameters():
+            p.copy_(eff[key])
+    hist = trainer.history
+    pred.meta = {
+        **(meta or {}), "L": L, "d": d, "f": f, "r": pred.r, "bias": cfg.bias, "block_size": N,
+        "training": {
+            **cfg.to_dict(), "train_blocks": int(len(tr_rows)), "val_blocks": int(len(va_rows)),
+            "train_tokens": int(len(tr_rows)) * N, "epochs_run": len(hist),
+            "epochs_per_phase": [sum(h["phase"] == p for h in hist) for p in (1, 2)],
+            "best_epoch_per_layer": trainer.best_epoch, "final_train_loss": hist[-1]["train_loss"] if hist else None,
+            "best_val_loss": float(trainer.best_loss.mean()), "best_val_loss_per_layer": trainer.best_loss.tolist(),
+            "seconds": round(time.time() - t0, 1),
+        },
+    }
+    return TrainResult(pred.eval(), hist, trainer.best_epoch, time.time() - t0)
+
+
+def predictor_meta(model: nn.Module, model_key: str, train: Collection) -> dict[str, Any]:
+    """Provenance of a predictor: the model (key, fingerprint) and the training collection."""
+    key = train.manifest["key"]
+    return {"model": str(model_key), "fingerprint": model_fingerprint(model),
+            "collection": {k: key[k] for k in ("split", "n_samples", "seq_len", "seed", "sources", "fingerprint")}}
+
+
+# ------------------------------------------------------------------------------ metrics
+@torch.no_grad()
+def predict_scores(pred: ExpertPredictor, coll: Collection, batch: int = 32) -> Tensor:
+    """Predicted scores of every block and layer of a collection: [n_blocks, L, f]."""
+    if coll.X is None:
+        raise ValueError("the collection was loaded without X")
+    return torch.cat([pred(coll.X[i : i + batch].float()) for i in range(0, coll.n_blocks, batch)])
+
+
+def _chosen_masks(coll: Collection, k: int, predicted: Tensor | None, prior: Tensor | None,
+                  seed: int) -> dict[str, Tensor]:
+    """Selected-neuron masks [n, L, f] (bool) of every policy at K."""
+    sc = coll.scores  # [n, L, f]
+    n, L, f = sc.shape
+
+    def mask(idx: Tensor) -> Tensor:
+        return torch.zeros(n, L, f, dtype=torch.bool).scatter_(-1, idx, True)
+
+    first = {int(s): i for i, (s, p) in enumerate(zip(coll.sample.tolist(), coll.position.tolist())) if p == 0}
+    if len(first) != len(set(coll.sample.tolist())):
+        raise ValueError("first_block_static needs every sample's block 0 in the collection")
+    first_rows = torch.tensor([first[int(s)] for s in coll.sample])  # [n] row of the same sample's block 0
+    g = torch.Generator().manual_seed(seed)
+    rand = torch.rand(n, L, f, generator=g).argsort(-1)[..., :k]  # [n, L, k] uniform random subsets
+    out = {
+        "oracle": mask(sc.topk(k, dim=-1).indices),
+        "first_block_static": mask(sc[first_rows].topk(k, dim=-1).indices),
+        "random": mask(rand),
+    }
+    if prior is not None:  # [L, f] mean training importance: a prompt-independent static choice
+        out["global_static"] = mask(prior.topk(k, dim=-1).indices.expand(n, L, k))
+    if predicted is not None:
+        out["predictor"] = mask(predicted.topk(k, dim=-1).indices)
+    return out
+
+
+def selection_metrics(
+    coll: Collection, predicted: Tensor | None = None, prior: Tensor | None = None,
+    densities: Sequence[float] = DENSITIES, seed: int = 0, skip_first: bool = True,
+) -> list[dict[str, Any]]:
+    """Per-layer recall of the oracle top-K and captured importance mass for each policy and density.
+
+    `predicted` [n, L, f] are predictor scores for `coll`'s blocks; `prior` [L, f] (optional) a
+    global importance prior. Blocks at position 0 (always dense in the engine) are skipped when
+    `skip_first`. Rows: {policy, density, k, layer, recall, mass}; layer = -1 is the mean over layers.
+    """
+    keep = coll.position > 0 if skip_first else torch.ones(coll.n_blocks, dtype=torch.bool)
+    rows: list[dict[str, Any]] = []
+    f = coll.scores.shape[-1]
+    for density in densities:
+        k = max(1, round(density * f))
+        masks = _chosen_masks(coll, k, predicted, prior, seed)
+        sc = coll.scores
+        oracle_mass = (sc * masks["oracle"]).sum(-1)  # [n, L]
+        for policy, m in masks.items():
+            recall = (m & masks["oracle"]).sum(-1).float() / k  # [n, L]
+            mass = (sc * m).sum(-1) / oracle_mass  # [n, L]
+            rec_l, mass_l = recall[keep].mean(0), mass[keep].mean(0)  # [L]
+            for li, layer in enumerate(coll.layers):
+                rows.append({"policy": policy, "density": density, "k": k, "layer": layer,
+                             "recall": float(rec_l[li]), "mass": float(mass_l[li])})
+            rows.append({"policy": policy, "density": density, "k": k, "layer": -1,
+                         "recall": float(rec_l.mean()), "mass": float(mass_l.mean())})
+    return rows
+
+
+def predictor_flop_share(d: int, f: int, r: int | None = None, block_size: int = 128) -> dict[str, float]:
+    """Predictor FLOPs per block and layer, and their share of that block's dense FFN FLOPs."""
+    r = predictor_rank(d) if r is None else r
+    pred = 4 * block_size * d + 2 * d * r + 2 * r * f  # pool (q X^T and the weighted sum) + MLP
+    ffn = 6 * block_size * d * f  # gate, up and down projections
+    try:  # cross-check against the project's FLOP model when it is there
+        from ffcore import flops as _fl
+
+        spec = _fl.ModelSpec("probe", d=d, f=f, L=1, heads=1, kv_heads=1, head_dim=d, vocab=1)
+        if _fl.predictor_rank(d) == r:
+            assert _fl.predictor_flops(spec, block_size) == pred
+    except ImportError:  # pragma: no cover
+        pass
+    return {"predictor_flops": pred, "ffn_flops": ffn, "share": pred / ffn, "r": r}
+
+
+# ------------------------------------------------------------------------------ sanity check
+@torch.no_grad()
+def continuation_nll(model: nn.Module, input_ids: Tensor, ctx_len: int, plan: Any = None) -> float:
+    """Mean NLL of tokens after `ctx_len`: prefill the context under `plan` (sparse), then score densely.
+
+    input_ids [n, T]; the context is prefilled inside `ffcore.sparsify(model, plan)` (plan None =
+    dense), the continuation runs dense with the KV cache; one sample at a time.
+    """
+    import contextlib
+
+    from ffcore.engine import sparsify
+
+    total, count = 0.0, 0
+    for row in input_ids:
+        ids = row.unsqueeze(0)  # [1, T]
+        ctx = sparsify(model, plan) if plan is not None else contextlib.nullcontext()
+        with ctx:
+            out = model(input_ids=ids[:, :ctx_len], use_cache=True)
+        cont = model(input_ids=ids[:, ctx_len:-1], past_key_values=out.past_key_values, use_cache=True)
+        logits = torch.cat([out.logits[:, -1:], cont.logits], dim=1).float()  # [1, T - ctx_len, V]
+        nll = F.cross_entropy(logits[0], ids[0, ctx_len:], reduction="sum")
+        total, count = total + float(nll), count + ids.shape[1] - ctx_len
+    return total / count
+
+
+# ------------------------------------------------------------------------------ profiles
+@dataclasses.dataclass
+class Notebook03Settings(StrictConfig):
+    """Per-profile sizes for notebook 03 (collection, training, sanity check)."""
+
+    train: CollectConfig
+    heldout: CollectConfig
+    predictor: PredictorConfig
+    nll_samples: int
+    nll_ctx: int
+    nll_cont: int
+
+
+def settings(profile: str, seed: int = 0) -> Notebook03Settings:
+    """The notebook-03 settings of a profile (smoke: tiny models in seconds; full: ~8 min on 2 CPU cores)."""
+    seq = pick(profile, 512, 1024, 1024)
+    train = CollectConfig(split="train", n_samples=pick(profile, 6, 16, 32), seq_len=seq, seed=seed)
+    heldout = CollectConfig(split="eval", n_samples=pick(profile, 3, 6, 8), seq_len=seq, seed=seed)
+    pcfg = PredictorConfig(seed=seed, max_epochs=pick(profile, 15, 60, 60))
+    return Notebook03Settings(train, heldout, pcfg, nll_samples=pick(profile, 1, 2, 3),
+                              nll_ctx=pick(profile, 384, 1024, 1024), nll_cont=pick(profile, 32, 64, 64))
+
+
+# ------------------------------------------------------------------------------ notebook helpers
+def mean_rows(rows: Sequence[dict[str, Any]], model_key: str) -> list[dict[str, Any]]:
+    """The layer-averaged rows of `selection_metrics`, tagged with the model (the Table 7 analogue)."""
+    return [{"model": model_key, "policy": r["policy"], "density": r["density"], "k": r["k"],
+             "recall": round(r["recall"], 4), "mass": round(r["mass"], 4)} for r in rows if r["layer"] == -1]
+
+
+def sanity_nll(
+    model: nn.Module, tokenizer: Any, predictor: ExpertPredictor, n_samples: int, ctx_len: int, cont_len: int,
+    density: float = 0.5, seed: int = 0, policies: Sequence[str] = ("dense", "oracle", "predictor", "first_block_static"),
+) -> list[dict[str, Any]]:
+    """Continuation NLL on eval samples after a sparse prefill (first/last block dense) for each policy."""
+    from ffcore.data import token_samples
+    from ffcore.plan import SparsityPlan
+
+    ids = token_samples(tokenizer, "eval", ctx_len + cont_len, n_samples, seed=seed)["input_ids"]  # [n, T]
+    rows = []
+    for name in policies:
+        t0 = time.time()
+        plan = None if name == "dense" else SparsityPlan(
+            densities=density, policy=predictor if name == "predictor" else name, seed=seed)
+        nll = continuation_nll(model, ids, ctx_len, plan)
+        rows.append({"policy": name, "density": 1.0 if name == "dense" else density, "nll": round(nll, 5),
+                     "seconds": round(time.time() - t0, 1)})
+    dense = rows[0]["nll"] if rows and rows[0]["policy"] == "dense" else None
+    for r in rows:
+        r["rel_change_pct"] = None if dense is None else round(100 * (r["nll"] / dense - 1), 2)
+    return rows
+
+
+def verdict(table: Sequence[dict[str, Any]], density: float = 0.5) -> str:
+    """A Markdown paragraph comparing the predictor with first-block static, computed from `mean_rows` output."""
+    lines = []
+    for model_key in dict.fromkeys(r["model"] for r in table):
+        get = {r["policy"]: r for r in table if r["model"] == model_key and r["density"] == density}
+        p, s, g = get.get("predictor"), get.get("first_block_static"), get.get("global_static")
+        if p is None or s is None:
+            continue
+        beats = p["mass"] > s["mass"]
+        gl = f"; the prompt-independent global-static prior captures {g['mass']:.3f}" if g else ""
+        lines.append(
+            f"- **{model_key}** at {density:.0%} density: the trained predictor captures **{p['mass']:.3f}** of the "
+            f"oracle's importance mass (recall {p['recall']:.3f}) vs **{s['mass']:.3f}** (recall {s['recall']:.3f}) "
+            f"for first-block static{gl}. The predictor "
+            + ("**beats** first-block static." if beats else "does **not** beat first-block static.")
+        )
+    return "\n".join(lines)

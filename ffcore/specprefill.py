@@ -1,0 +1,1080 @@
+"""SpecPrefill (Liu et al., arXiv 2502.02789): prefill only the prompt tokens a speculator finds important.
+
+A *speculator* (any causal LM with the main model's vocabulary) prefills the prompt and greedily
+generates a few look-ahead tokens. Each prompt token is scored by the attention that the last
+prompt token and the look-ahead tokens pay to it: softmax over the prompt keys per layer and head
+(the layer's own causal / sliding-window visibility applies), max over layers and heads, mean over
+the query tokens; then optional 1-D average pooling (kernel 13) and a mean per chunk of 32 tokens.
+The top `keep_rate` fraction of chunks is kept. The main model prefills ONLY the kept tokens, each
+at its ORIGINAL position id, and decoding continues at the original prompt length.
+
+How positions work in transformers 5.x (checked on 5.23, Llama / Qwen3 / Gemma 3):
+
+* There is no `cache_position` any more. RoPE reads `position_ids`; the causal and sliding-window
+  masks are built on *cache indices* (the query offset is the cache length). We therefore always
+  pass `position_ids` explicitly (the default would be `cache length + arange`, i.e. the
+  compressed positions), and we always pass a cache object: without one, transformers reads
+  position ids with jumps as *packed sequences* and masks across the jumps. Where an older
+  transformers' forward still takes `cache_position`, we pass the cache-slot indices there.
+* Causal masking by cache index is exactly right for the kept tokens: they are cached in original
+  order, so "earlier cache slot" means "earlier original position".
+* Sliding windows (Gemma 3 local layers, Mistral) are NOT equivalent: a window of W cache slots
+  spans up to W / keep_rate original positions, so a local layer would see relative RoPE distances
+  it never saw in training. The default `window="positions"` defines every window on ORIGINAL
+  positions (a kept query at position p sees kept keys at p - W < k <= p), i.e. each layer sees
+  exactly the keys the dense model would see, minus the dropped ones. It keeps every key in a plain
+  `DynamicCache` and passes explicit per-layer-type masks (a dict for models with `layer_types`).
+  `window="cache"` keeps transformers' own behaviour (window on cache slots) for comparison.
+  For models without sliding layers both modes are the same computation (and use the fast path).
+
+The speculator's FLOPs count against the speedup (`specprefill_flops`); `layer_prefix_view`
+builds the cheap self-speculator (the main model's first N layers, weights shared). Combined
+with FastForward: `with sparsify(main, plan): speculative_prefill(main, spec, ids, 0.5)` runs the
+block-sparse FFN on the kept tokens (the speculator always runs dense).
+"""
+from __future__ import annotations
+
+import collections
+import contextlib
+import copy
+import dataclasses
+import inspect
+import math
+import statistics
+import time
+from typing import Any, Callable, Iterator, NamedTuple, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ffcore.config import StrictConfig
+from ffcore.flops import ModelSpec, causal_pairs, plan_speedup, prefill_flops, spec_from_config
+from ffcore.models import decoder_layers
+from ffcore.profiles import pick
+
+WINDOW_MODES = ("positions", "cache")
+
+
+# ----------------------------------------------------------------------------- configuration
+@dataclasses.dataclass
+class SpecPrefillConfig(StrictConfig):
+    """Knobs of the SpecPrefill method (the keep rate is an argument of each call).
+
+    lookahead:   greedy look-ahead tokens the speculator generates (their queries join the last
+                 prompt token's); 0 = last prompt token only.
+    chunk_size:  tokens per selection chunk (32); the prompt must hold at least one chunk.
+    pool_kernel: odd kernel of the 1-D average pooling of token scores; 1 = no smoothing.
+    keep_last:   always keep the last chunk (it holds the question). The final prompt token is
+                 kept in any case: the next-token distribution is read at it.
+    keep_first:  always keep the first chunk (attention sinks; max-over-heads scoring keeps it anyway).
+    window:      where sliding windows are measured on the kept tokens: 'positions' (original
+                 positions, default) or 'cache' (transformers' cache slots).
+    """
+
+    lookahead: int = 8
+    chunk_size: int = 32
+    pool_kernel: int = 13
+    keep_last: bool = True
+    keep_first: bool = False
+    window: str = "positions"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.lookahead, int) or self.lookahead < 0:
+            raise ValueError(f"lookahead must be an int >= 0, got {self.lookahead!r}")
+        if not isinstance(self.chunk_size, int) or self.chunk_size < 1:
+            raise ValueError(f"chunk_size must be a positive int, got {self.chunk_size!r}")
+        if not isinstance(self.pool_kernel, int) or self.pool_kernel < 1 or self.pool_kernel % 2 == 0:
+            raise ValueError(f"pool_kernel must be an odd int >= 1 (1 = no smoothing), got {self.pool_kernel!r}")
+        if self.window not in WINDOW_MODES:
+            raise ValueError(f"window must be one of {WINDOW_MODES}, got {self.window!r}")
+
+
+def check_keep_rate(keep_rate: float) -> float:
+    """Return keep_rate as a float, or raise if it is outside (0, 1]."""
+    if isinstance(keep_rate, bool) or not isinstance(keep_rate, (int, float)) or math.isnan(keep_rate) \
+            or not 0.0 < keep_rate <= 1.0:
+        raise ValueError(
+            f"keep_rate must lie in (0, 1] (the fraction of prompt chunks the main model prefills), got {keep_rate!r}"
+        )
+    return float(keep_rate)
+
+
+# ----------------------------------------------------------------------------- compatibility
+def _vocab_size(model: nn.Module) -> int:
+    cfg = model.config
+    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    return int(cfg.vocab_size)
+
+
+def check_compatible(
+    main_model: nn.Module, speculator: nn.Module, main_tokenizer: Any = None, speculator_tokenizer: Any = None,
+) -> None:
+    """Raise ValueError unless the speculator shares the main model's vocabulary (and tokenizer, if given)."""
+    vm, vs = _vocab_size(main_model), _vocab_size(speculator)
+    if vm != vs:
+        raise ValueError(
+            f"the speculator's vocabulary ({vs} tokens) differs from the main model's ({vm}); SpecPrefill "
+            "scores the main model's prompt token ids with the speculator, so both must share one tokenizer"
+        )
+    if main_tokenizer is None or speculator_tokenizer is None or main_tokenizer is speculator_tokenizer:
+        return
+    a, b = main_tokenizer.get_vocab(), speculator_tokenizer.get_vocab()
+    if a != b:
+        diff = sorted(set(a.items()) ^ set(b.items()))[:3]
+        raise ValueError(
+            f"the speculator's tokenizer differs from the main model's ({len(a)} vs {len(b)} entries; e.g. "
+            f"{diff}); SpecPrefill needs the same token ids in both models"
+        )
+    for attr in ("bos_token_id", "eos_token_id"):
+        if getattr(main_tokenizer, attr, None) != getattr(speculator_tokenizer, attr, None):
+            raise ValueError(f"the tokenizers disagree on {attr}; SpecPrefill needs one shared tokenizer")
+
+
+def _check_prompt(input_ids: Tensor, chunk_size: int, vocab: int | None = None) -> int:
+    """Validate a [1, T] prompt; return T."""
+    if not isinstance(input_ids, Tensor) or input_ids.dim() != 2:
+        raise ValueError("input_ids must be a LongTensor of shape [1, T]")
+    if input_ids.shape[0] != 1:
+        raise ValueError(
+            f"SpecPrefill runs one prompt at a time (batch {input_ids.shape[0]}): each prompt keeps different "
+            "tokens, so a batch would be ragged; loop over the prompts"
+        )
+    T = input_ids.shape[1]
+    if T < chunk_size:
+        raise ValueError(
+            f"the prompt has {T} tokens, fewer than one chunk ({chunk_size}); SpecPrefill selects whole chunks, "
+            "so a prompt this short has nothing to drop: prefill it densely"
+        )
+    if vocab is not None and int(input_ids.max()) >= vocab:
+        raise ValueError(f"token id {int(input_ids.max())} is outside the speculator's vocabulary ({vocab})")
+    return T
+
+
+# ----------------------------------------------------------------------------- first-N-layers view
+_HOOK_DICTS = (
+    "_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks", "_state_dict_hooks",
+    "_state_dict_pre_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks",
+)
+
+
+def _shallow(module: nn.Module) -> nn.Module:
+    """A new module object with its own child / hook tables that shares every parameter tensor."""
+    new = copy.copy(module)
+    new._modules = dict(module._modules)
+    new._parameters = dict(module._parameters)
+    new._buffers = dict(module._buffers)
+    for name in _HOOK_DICTS:
+        if name in module.__dict__:
+            setattr(new, name, collections.OrderedDict())
+    new.__dict__.pop("_ffcore_session", None)
+    return new
+
+
+def _layers_owner(model: nn.Module) -> nn.Module:
+    """The submodule whose `layers` attribute is the decoder layer list (e.g. `model.model`)."""
+    layers = decoder_layers(model)
+    for m in model.modules():
+        if m._modules.get("layers") is layers:
+            return m
+    raise TypeError(f"cannot find the module holding the decoder layers of {type(model).__name__}")
+
+
+def layer_prefix_view(model: nn.Module, n_layers: int) -> nn.Module:
+    """A causal LM that runs only the first `n_layers` decoder layers of `model`, then its final norm and lm head.
+
+    No weight is copied: the view's modules are shallow copies that hold the main model's parameter
+    tensors. Its decoder layers always use the original (dense) MLPs, also when the main model is
+    inside `sparsify` (the speculator's FLOPs are counted dense).
+    """
+    layers = decoder_layers(model)
+    if not isinstance(n_layers, int) or not 1 <= n_layers <= len(layers):
+        raise ValueError(f"n_layers must be an int in [1, {len(layers)}], got {n_layers!r}")
+    owner = _layers_owner(model)
+    cfg = copy.deepcopy(owner.config)
+    cfg.num_hidden_layers = n_layers
+    if getattr(cfg, "layer_types", None) is not None:
+        cfg.layer_types = list(cfg.layer_types)[:n_layers]
+    view_layers = []
+    for layer in list(layers)[:n_layers]:
+        new = _shallow(layer)
+        if "mlp" in new._modules:
+            new._modules["mlp"] = getattr(layer.mlp, "original", layer.mlp)  # see through an ffcore wrapper
+        view_layers.append(new)
+    new_owner = _shallow(owner)
+    new_owner._modules["layers"] = nn.ModuleList(view_layers)
+    new_owner.config = cfg
+    if owner is model:
+        view = new_owner
+    else:  # rebuild the path from the top module down to the owner with shallow copies
+        view = _shallow(model)
+        view.config = cfg
+        parent, path = view, _module_path(model, owner)
+        for name in path[:-1]:
+            child = _shallow(parent._modules[name])
+            parent._modules[name] = child
+            parent = child
+        parent._modules[path[-1]] = new_owner
+    view.ffcore_name = f"{getattr(model, 'ffcore_name', type(model).__name__)}[:{n_layers}]"
+    view.ffcore_prefix_of = model
+    return view.eval()
+
+
+def _module_path(root: nn.Module, target: nn.Module) -> list[str]:
+    for name, m in root.named_modules():
+        if m is target:
+            return name.split(".")
+    raise ValueError("target is not a submodule of root")
+
+
+@contextlib.contextmanager
+def dense_mlps(model: nn.Module) -> Iterator[None]:
+    """Temporarily run every layer's original MLP (undo ffcore's sparse wrappers) inside the context."""
+    swapped = []
+    for layer in decoder_layers(model):
+        mlp = layer._modules.get("mlp")
+        original = getattr(mlp, "original", None)
+        if original is not None:
+            layer._modules["mlp"] = original
+            swapped.append((layer, mlp))
+    try:
+        yield
+    finally:
+        for layer, mlp in swapped:
+            layer._modules["mlp"] = mlp
+
+
+# ----------------------------------------------------------------------------- position-aware prefill
+@dataclasses.dataclass
+class PositionCache:
+    """A KV cache plus the original position of every cached key.
+
+    past_key_values: the transformers cache object.
+    key_positions:   LongTensor [M], original position of each cached key, in cache order.
+    next_position:   the position id of the next token fed (the ORIGINAL prompt length after a prefill).
+    custom_masks:    masks are built here from `key_positions` (sliding windows on original positions).
+    """
+
+    past_key_values: Any
+    key_positions: Tensor
+    next_position: int
+    custom_masks: bool
+
+    @property
+    def cached(self) -> int:
+        """Number of cached tokens (kept prompt tokens plus any decoded ones)."""
+        return int(self.key_positions.numel())
+
+
+def _windows(model: nn.Module) -> list[int | None]:
+    """Each layer's sliding window (None = full causal attention), as transformers applies it."""
+    spec = spec_from_config(model.config)
+    return [spec.window(i) for i in range(spec.L)]
+
+
+def _text_config(model: nn.Module) -> Any:
+    cfg = model.config
+    return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+
+
+def _accepts_cache_position(model: nn.Module) -> bool:
+    """Older transformers (4.x) forwards take `cache_position`; 5.x removed it."""
+    try:
+        return "cache_position" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def position_masks(model: nn.Module, q_pos: Tensor, k_pos: Tensor) -> Any:
+    """Attention masks on ORIGINAL positions: query p sees key k iff k <= p (and p - k < window on sliding layers).
+
+    Returns what the model's forward takes as `attention_mask`: a dict by layer type for models
+    with `layer_types` (Gemma 3, Qwen3), else one tensor. Each mask is [1, 1, n_q, n_k]: boolean
+    (True = attend) for SDPA, additive float for eager and other implementations.
+    """
+    cfg = _text_config(model)
+    dtype = next(model.parameters()).dtype
+    rel = q_pos.view(-1, 1) - k_pos.view(1, -1)  # [n_q, n_k] relative distance p - k
+    causal = rel >= 0
+    window = getattr(cfg, "sliding_window", None)
+
+    def fmt(allowed: Tensor) -> Tensor:
+        allowed = allowed[None, None]  # [1, 1, n_q, n_k]
+        if cfg._attn_implementation == "sdpa":
+            return allowed
+        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
+            ~allowed, torch.finfo(dtype).min
+        )
+
+    sliding = causal & (rel < window) if window else causal
+    layer_types = getattr(cfg, "layer_types", None)
+    if layer_types is not None:
+        return {t: fmt(sliding if "sliding" in t and window else causal) for t in set(layer_types)}
+    return fmt(sliding if any(w is not None for w in _windows(model)) else causal)
+
+
+def _forward(model: nn.Module, ids: Tensor, q_pos: Tensor, cache: PositionCache, logits_to_keep: int) -> Tensor:
+    """Run `ids` [1, n] at positions q_pos [n] on top of `cache` (updated in place); return logits [1, n', V]."""
+    n_before = cache.cached
+    k_pos = torch.cat([cache.key_positions, q_pos])
+    kwargs: dict[str, Any] = dict(
+        input_ids=ids, position_ids=q_pos.view(1, -1), past_key_values=cache.past_key_values, use_cache=True,
+        logits_to_keep=logits_to_keep,
+    )
+    if cache.custom_masks:
+        kwargs["attention_mask"] = position_masks(model, q_pos, k_pos)
+    if _accepts_cache_position(model):
+        kwargs["cache_position"] = torch.arange(n_before, n_before + ids.shape[1], device=ids.device)
+    out = model(**kwargs)
+    cache.key_positions = k_pos
+    return out.logits
+
+
+@torch.no_grad()
+def prefill_at(
+    model: nn.Module, input_ids: Tensor, positions: Tensor | None = None, window: str = "positions",
+    keep_all_keys: bool = False,
+) -> tuple[Tensor, PositionCache]:
+    """Prefill the tokens of `input_ids` [1, T] at `positions` (sorted original positions; None = all).
+
+    Returns (next-token logits [1, V] read at the last fed token, cache); the cache continues at
+    position T. `keep_all_keys` keeps every key also on sliding-window layers (for scoring).
+    """
+    if window not in WINDOW_MODES:
+        raise ValueError(f"window must be one of {WINDOW_MODES}, got {window!r}")
+    T = input_ids.shape[1]
+    device = input_ids.device
+    if positions is None:
+        positions = torch.arange(T, device=device)
+    positions = positions.to(device=device, dtype=torch.long).view(-1)
+    if positions.numel() == 0 or bool((positions[1:] <= positions[:-1]).any()) or int(positions[-1]) >= T \
+            or int(positions[0]) < 0:
+        raise ValueError("positions must be strictly increasing original positions inside the prompt")
+    from transformers import DynamicCache
+
+    sliding = any(w is not None for w in _windows(model))
+    everything = positions.numel() == T
+    custom = sliding and (keep_all_keys or (window == "positions" and not everything))
+    past = DynamicCache() if custom else DynamicCache(config=model.config)  # plain cache: no key is evicted
+    cache = PositionCache(past, positions[:0].clone(), T, custom)
+    logits = _forward(model, input_ids[:, positions], positions, cache, logits_to_keep=1)
+    return logits[:, -1], cache
+
+
+@torch.no_grad()
+def extend(model: nn.Module, cache: PositionCache, input_ids: Tensor) -> Tensor:
+    """Feed `input_ids` [1, n] at the next positions after `cache` (teacher forcing / decode); logits [1, n, V]."""
+    n = input_ids.shape[1]
+    q_pos = torch.arange(cache.next_position, cache.next_position + n, device=input_ids.device)
+    logits = _forward(model, input_ids, q_pos, cache, logits_to_keep=0)
+    cache.next_position += n
+    return logits
+
+
+@torch.no_grad()
+def greedy_decode(model: nn.Module, logits: Tensor, cache: PositionCache, max_new_tokens: int,
+                  eos_token_id: int | None = None) -> Tensor:
+    """Greedy continuation [1, n] from next-token logits [1, V] and a cache (dense decode steps)."""
+    out = []
+    for step in range(max_new_tokens):
+        tok = logits.argmax(-1, keepdim=True)  # [1, 1]
+        out.append(tok)
+        if (eos_token_id is not None and int(tok) == eos_token_id) or step == max_new_tokens - 1:
+            break
+        logits = extend(model, cache, tok)[:, -1]
+    return torch.cat(out, dim=1) if out else torch.zeros(1, 0, dtype=torch.long)
+
+
+# ----------------------------------------------------------------------------- token scoring
+def _rotate_half(x: Tensor) -> Tensor:
+    h = x.shape[-1] // 2
+    return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
+
+
+def last_query(attn: nn.Module, hidden: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """The post-RoPE query of the attention module for hidden [1, n, d] with cos/sin [1, n, D]: [1, H, n, D]."""
+    D = attn.head_dim
+    if cos.shape[-1] != D:
+        raise NotImplementedError(f"partial rotary embeddings ({cos.shape[-1]} of {D} dims) are not supported")
+    n = hidden.shape[1]
+    q = attn.q_proj(hidden).view(1, n, -1, D)  # [1, n, H, D]
+    if getattr(attn, "q_norm", None) is not None:  # Qwen3 / Gemma 3: RMSNorm over head_dim
+        q = attn.q_norm(q)
+    q = q.transpose(1, 2)  # [1, H, n, D]
+    return q * cos.unsqueeze(1) + _rotate_half(q) * sin.unsqueeze(1)
+
+
+def query_attention(q: Tensor, keys: Tensor, scaling: float, q_pos: int, window: int | None) -> Tensor:
+    """Softmax attention of one query over prompt keys, max over heads.
+
+    q [1, H, 1, D], keys [1, KVH, T, D] (post-RoPE, key t at position t) -> [T] probabilities
+    (keys outside a sliding window get 0).
+    """
+    H, KVH, T = q.shape[1], keys.shape[1], keys.shape[2]
+    qg = q.view(KVH, H // KVH, q.shape[-1]).float()  # [KVH, rep, D]: head h uses kv head h // rep
+    logits = torch.bmm(qg, keys[0].float().transpose(1, 2)) * scaling  # [KVH, rep, T]
+    if window is not None:
+        k = torch.arange(T, device=keys.device)
+        logits = logits.masked_fill((q_pos - k) >= window, float("-inf"))
+    return logits.softmax(-1).reshape(H, T).amax(0)  # [T]
+
+
+@dataclasses.dataclass
+class TokenScores:
+    """The speculator's importance scores of one prompt.
+
+    per_query: [n_q, T] max over layers and heads for each query (last prompt token first).
+    token:     [T] mean over the queries.
+    smoothed:  [T] after average pooling.
+    chunk:     [C] mean of `smoothed` per chunk (the last chunk may be partial).
+    """
+
+    per_query: Tensor
+    token: Tensor
+    smoothed: Tensor
+    chunk: Tensor
+    chunk_size: int
+    lookahead_ids: list[int]
+
+    @property
+    def T(self) -> int:
+        """Prompt length."""
+        return int(self.token.numel())
+
+
+def smooth_and_chunk(token: Tensor, pool_kernel: int = 13, chunk_size: int = 32) -> tuple[Tensor, Tensor]:
+    """Average-pool token scores [T] (odd kernel, stride 1, edges averaged over real tokens) and mean per chunk.
+
+    Returns (smoothed [T], chunk scores [ceil(T / chunk_size)]).
+    """
+    if pool_kernel < 1 or pool_kernel % 2 == 0:
+        raise ValueError(f"pool_kernel must be odd and >= 1, got {pool_kernel}")
+    T = token.numel()
+    s = token.float().view(1, 1, T)  # [batch=1, channel=1, T]
+    if pool_kernel > 1:
+        s = F.avg_pool1d(s, pool_kernel, stride=1, padding=pool_kernel // 2, count_include_pad=False)
+    smoothed = s.view(T)
+    C = math.ceil(T / chunk_size)
+    padded = F.pad(smoothed, (0, C * chunk_size - T)).view(C, chunk_size)  # [C, chunk]
+    counts = torch.full((C,), float(chunk_size))
+    counts[-1] = T - (C - 1) * chunk_size
+    return smoothed, padded.sum(1) / counts
+
+
+@torch.no_grad()
+def score_tokens(speculator: nn.Module, input_ids: Tensor, config: SpecPrefillConfig | None = None) -> TokenScores:
+    """Score every prompt token by the speculator's attention from the last prompt token and look-ahead tokens.
+
+    The speculator prefills the prompt (keeping every key, also on sliding layers) and decodes
+    `config.lookahead` greedy tokens. A hook after each attention module recomputes the query of
+    the token just fed (projection, q-norm, RoPE, the module's `scaling`) and scores it against the
+    cached prompt keys: O(T) per query, never a T x T matrix.
+    """
+    cfg = config or SpecPrefillConfig()
+    T = _check_prompt(input_ids, cfg.chunk_size, _vocab_size(speculator))
+    windows = _windows(speculator)
+    state: dict[str, Any] = {"q_pos": T - 1, "acc": None}
+    rows: list[Tensor] = []
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        cos, sin = kwargs["position_embeddings"]
+        keys = kwargs["past_key_values"].layers[module.layer_idx].keys[:, :, :T]  # [1, KVH, T, D] prompt keys
+        q = last_query(module, hidden[:, -1:], cos[:, -1:], sin[:, -1:])  # [1, H, 1, D]
+        p = query_attention(q, keys, module.scaling, state["q_pos"], windows[module.layer_idx])
+        state["acc"] = p if state["acc"] is None else torch.maximum(state["acc"], p)
+
+    handles = [layer.self_attn.register_forward_hook(hook, with_kwargs=True) for layer in decoder_layers(speculator)]
+    look: list[int] = []
+    try:
+        with dense_mlps(speculator):
+            logits, cache = prefill_at(speculator, input_ids, keep_all_keys=True)
+            rows.append(state["acc"])
+            for _ in range(cfg.lookahead):
+                tok = logits.argmax(-1, keepdim=True)  # [1, 1]
+                look.append(int(tok))
+                state["q_pos"], state["acc"] = cache.next_position, None
+                logits = extend(speculator, cache, tok)[:, -1]
+                rows.append(state["acc"])
+    finally:
+        for h in handles:
+            h.remove()
+    per_query = torch.stack(rows).cpu()  # [n_q, T]
+    token = per_query.mean(0)
+    smoothed, chunk = smooth_and_chunk(token, cfg.pool_kernel, cfg.chunk_size)
+    return TokenScores(per_query, token, smoothed, chunk, cfg.chunk_size, look)
+
+
+def select_chunks(chunk_scores: Tensor, keep_rate: float, keep_last: bool = True, keep_first: bool = False) -> Tensor:
+    """Ids (ascending) of the kept chunks: ceil(keep_rate * C) top-scoring ones, plus the forced first/last."""
+    keep_rate = check_keep_rate(keep_rate)
+    C = chunk_scores.numel()
+    n_keep = min(C, max(1, math.ceil(keep_rate * C - 1e-9)))
+    forced = ([C - 1] if keep_last else []) + ([0] if keep_first and 0 != C - 1 else [])
+    chosen = list(dict.fromkeys(forced))
+    for c in torch.argsort(chunk_scores, descending=True, stable=True).tolist():
+        if len(chosen) >= n_keep:
+            break
+        if c not in chosen:
+            chosen.append(c)
+    return torch.tensor(sorted(chosen), dtype=torch.long)
+
+
+def chunk_positions(chunks: Tensor, T: int, chunk_size: int) -> Tensor:
+    """Token positions [K] covered by the chunk ids, plus the final prompt token, ascending."""
+    pos = [torch.arange(c * chunk_size, min((c + 1) * chunk_size, T)) for c in chunks.tolist()]
+    pos.append(torch.tensor([T - 1]))
+    return torch.unique(torch.cat(pos))  # sorted
+
+
+def select_tokens(scores: TokenScores, keep_rate: float, config: SpecPrefillConfig | None = None) -> Tensor:
+    """Original positions [K] of the tokens SpecPrefill keeps at `keep_rate`."""
+    cfg = config or SpecPrefillConfig()
+    chunks = select_chunks(scores.chunk, keep_rate, cfg.keep_last, cfg.keep_first)
+    return chunk_positions(chunks, scores.T, scores.chunk_size)
+
+
+# ----------------------------------------------------------------------------- the main entry points
+class SpecPrefillOutput(NamedTuple):
+    """What `speculative_prefill` returns."""
+
+    logits: Tensor  # [1, V] next-token logits (at the original position T)
+    cache: PositionCache  # the main model's cache of the kept tokens; decoding continues at T
+    kept: Tensor  # [K] original positions of the kept tokens
+
+
+@torch.no_grad()
+def speculative_prefill(
+    main_model: nn.Module, speculator: nn.Module | None, input_ids: Tensor, keep_rate: float,
+    config: SpecPrefillConfig | None = None, scores: TokenScores | None = None, tokenizers: tuple[Any, Any] | None = None,
+) -> SpecPrefillOutput:
+    """Score the prompt with the speculator, then prefill only the kept tokens on the main model at their original positions.
+
+    `scores` reuses an earlier `score_tokens` result (the scores do not depend on the keep rate).
+    Inside `sparsify(main_model, plan)` the main model's prefill runs the block-sparse FFN; the
+    speculator always runs dense. `tokenizers=(main_tok, speculator_tok)` also checks the tokenizers.
+    """
+    cfg = config or SpecPrefillConfig()
+    keep_rate = check_keep_rate(keep_rate)
+    T = _check_prompt(input_ids, cfg.chunk_size, _vocab_size(main_model))
+    if scores is None:
+        if speculator is None:
+            raise ValueError("give a speculator model or precomputed `scores`")
+        check_compatible(main_model, speculator, *(tokenizers or (None, None)))
+        scores = score_tokens(speculator, input_ids, cfg)
+    elif scores.T != T or scores.chunk_size != cfg.chunk_size:
+        raise ValueError(f"scores are for a {scores.T}-token prompt in chunks of {scores.chunk_size}; "
+                         f"this prompt has {T} tokens and chunk_size {cfg.chunk_size}")
+    kept = select_tokens(scores, keep_rate, cfg)
+    logits, cache = prefill_at(main_model, input_ids, kept.to(input_ids.device), window=cfg.window)
+    return SpecPrefillOutput(logits, cache, kept)
+
+
+@torch.no_grad()
+def speculative_generate(
+    main_model: nn.Module, speculator: nn.Module | None, input_ids: Tensor, keep_rate: float, max_new_tokens: int,
+    config: SpecPrefillConfig | None = None, eos_token_id: int | None = None, **kw: Any,
+) -> Tensor:
+    """Greedy continuation tokens [1, n] after a SpecPrefill (dense decode from the kept-token cache)."""
+    logits, cache, _ = speculative_prefill(main_model, speculator, input_ids, keep_rate, config, **kw)
+    return greedy_decode(main_model, logits, cache, max_new_tokens, eos_token_id)
+
+
+# ----------------------------------------------------------------------------- FLOPs and speedup
+def _total(flops: dict[str, int]) -> int:
+    return int(sum(flops.values()))
+
+
+def speculator_flops(spec: ModelSpec, T: int, lookahead: int) -> dict[str, int]:
+    """FLOPs of scoring a T-token prompt: prefill + look-ahead decode steps + the scoring dot products.
+
+    The look-ahead steps cost exactly the difference of a (T + lookahead)- and a T-token causal
+    prefill (same projections, FFN and visible attention pairs); the lm head runs `lookahead`
+    times (the prefill's produces the first look-ahead token; none is needed without look-ahead).
+    Scoring adds one q.k dot product per query, head, layer and prompt key.
+    """
+    body = {k: v for k, v in prefill_flops(spec, T + lookahead).items() if k != "lm_head"}
+    lm = lookahead * 2 * spec.d * spec.vocab
+    scoring = spec.L * (lookahead + 1) * 2 * spec.heads * spec.head_dim * T
+    return {"body": _total(body), "lm_head": lm, "scoring": scoring}
+
+
+def kept_pairs(positions: Tensor, window: int | None) -> int:
+    """Visible (query, key) pairs among kept tokens when windows are measured on original positions."""
+    pos = positions.view(-1).cpu()
+    K = pos.numel()
+    if window is None:
+        return K * (K + 1) // 2
+    lo = torch.searchsorted(pos, pos - window, right=True)  # first kept key with k > p - window
+    return int((torch.arange(K) - lo + 1).sum())
+
+
+def _attention_adjustment(spec: ModelSpec, positions: Tensor, window: str) -> int:
+    """Exact minus cache-slot attention FLOPs of a kept-token prefill (nonzero only for windows on positions)."""
+    if window != "positions" or spec.layer_types is None:
+        return 0
+    K = positions.numel()
+    adj = 0
+    for layer in range(spec.L):
+        w = spec.window(layer)
+        if w is not None:
+            adj += 2 * 2 * spec.heads * spec.head_dim * (kept_pairs(positions, w) - int(causal_pairs(K, w)))
+    return adj
+
+
+def specprefill_flops(
+    main_spec: ModelSpec, T: int, kept: Tensor, speculator_spec: ModelSpec | None = None, lookahead: int = 0,
+    densities: float | Sequence[float] | None = None, window: str = "positions", fastforward_overheads: bool = True,
+    **plan_kw: Any,
+) -> dict[str, Any]:
+    """Compute-bound FLOPs and speedup: dense main prefill vs speculator + main prefill of the kept tokens.
+
+    `densities` adds FastForward's block-sparse FFN on the kept tokens (`flops.plan_speedup`;
+    `fastforward_overheads` counts the predictor and compensator of the deployed method).
+    `speculator_spec=None` = no speculator (FastForward alone when all tokens are kept).
+    """
+    kept = kept.view(-1)
+    K = int(kept.numel())
+    dense = _total(prefill_flops(main_spec, T))
+    if densities is None:
+        main = _total(prefill_flops(main_spec, K))
+    else:
+        kw = dict(predictor=fastforward_overheads, compensator=fastforward_overheads, **plan_kw)
+        main = plan_speedup(main_spec, K, densities, **kw)["sparse_flops"]
+    main += _attention_adjustment(main_spec, kept, window) if K < T else 0
+    spec = speculator_flops(speculator_spec, T, lookahead) if speculator_spec is not None else {}
+    spec_total = sum(spec.values())
+    total = spec_total + main
+    return {
+        "T": T, "kept_tokens": K, "kept_fraction": K / T, "dense_flops": dense, "speculator_flops": spec_total,
+        "main_flops": main, "total_flops": total, "speedup": dense / total,
+        "speculator_share": spec_total / total,
+    }
+
+
+# ----------------------------------------------------------------------------- evaluation helpers
+class Continuation(NamedTuple):
+    """Teacher-forced scoring of the true continuation after a prefill."""
+
+    nll: Tensor  # [C] negative log-likelihood of each continuation token
+    argmax: Tensor  # [C] the model's top-1 prediction at each continuation position
+
+
+@torch.no_grad()
+def score_continuation(model: nn.Module, logits: Tensor, cache: PositionCache, cont_ids: Tensor) -> Continuation:
+    """NLL and top-1 of the true continuation cont_ids [1, C], fed densely (teacher forcing) after a prefill."""
+    rest = extend(model, cache, cont_ids[:, :-1])[0] if cont_ids.shape[1] > 1 else logits[:, :0]  # [C-1, V]
+    all_logits = torch.cat([logits, rest.view(-1, logits.shape[-1])]).float()  # [C, V]
+    nll = F.cross_entropy(all_logits, cont_ids[0].to(all_logits.device), reduction="none")
+    return Continuation(nll.cpu(), all_logits.argmax(-1).cpu())
+
+
+def median_seconds(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> tuple[float, list[float]]:
+    """Median wall time of `fn()` over `repeats` runs after `warmup` untimed ones (and every run)."""
+    for _ in range(warmup):
+        fn()
+    runs = []
+    for _ in range(max(1, repeats)):
+        t0 = time.perf_counter()
+        fn()
+        runs.append(time.perf_counter() - t0)
+    return statistics.median(runs), runs
+
+
+# ----------------------------------------------------------------------------- notebook experiments
+@dataclasses.dataclass
+class SpecPrefillRunConfig(StrictConfig):
+    """Per-profile knobs of notebook 08 (SpecPrefill, FastForward and their combination).
+
+    seq_len / cont_len: prompt tokens and scored continuation tokens per sample.
+    n_samples:          eval-split samples per model (half prose, half code).
+    keep_rates:         SpecPrefill keep rates with each speculator.
+    prefix_fraction:    the self-speculator runs round(fraction * L) of the main model's layers.
+    sparsities:         FastForward FFN sparsities (oracle experts, uniform, first/last block dense).
+    combo_keep_rates / combo_sparsities: the grid of the combination (first-N speculator).
+    timing_repeats:     timed repeats per TTFT measurement (median reported).
+    passkey_samples / passkey_len: the passkey check (0 = skip).
+    lookahead:          the speculators' look-ahead tokens.
+    max_gap:            relative continuation-NLL gap allowed for the timed "best" points.
+    block_size:         FastForward's block size (128 as in the paper; smaller for the tiny smoke prompts).
+    """
+
+    models: list[str]
+    seq_len: int
+    cont_len: int
+    n_samples: int
+    keep_rates: list[float]
+    prefix_fraction: float
+    sparsities: list[float]
+    combo_keep_rates: list[float]
+    combo_sparsities: list[float]
+    timing_repeats: int
+    passkey_samples: int
+    passkey_len: int
+    lookahead: int = 8
+    max_gap: float = 0.05  # "best point" = highest FLOP speedup within this relative NLL gap
+    block_size: int = 128
+
+
+def run_config(profile: str) -> SpecPrefillRunConfig:
+    """Notebook 08's knobs (smoke: tiny models in seconds; full: both real models, 1K-token prompts, few samples)."""
+    return pick(
+        profile,
+        smoke=SpecPrefillRunConfig(
+            models=["tiny-llama", "tiny-gemma3"], seq_len=192, cont_len=16, n_samples=2,
+            keep_rates=[0.5, 0.9], prefix_fraction=0.5, sparsities=[0.5], combo_keep_rates=[0.5],
+            combo_sparsities=[0.5], timing_repeats=1, passkey_samples=1, passkey_len=160, lookahead=2,
+            block_size=32,
+        ),
+        quick=SpecPrefillRunConfig(
+            models=["smollm2-135m", "gemma3-270m"], seq_len=512, cont_len=32, n_samples=2,
+            keep_rates=[0.3, 0.5, 0.7], prefix_fraction=0.25, sparsities=[0.5], combo_keep_rates=[0.5],
+            combo_sparsities=[0.5], timing_repeats=1, passkey_samples=1, passkey_len=384,
+        ),
+        full=SpecPrefillRunConfig(
+            models=["smollm2-135m", "gemma3-270m"], seq_len=1024, cont_len=64, n_samples=4,
+            keep_rates=[0.3, 0.5, 0.7], prefix_fraction=0.25, sparsities=[0.3, 0.4, 0.5],
+            combo_keep_rates=[0.5, 0.7], combo_sparsities=[0.5], timing_repeats=3, passkey_samples=2,
+            passkey_len=768,
+        ),
+    )
+
+
+def prefix_layers(model: nn.Module, fraction: float) -> int:
+    """How many layers the self-speculator keeps: round(fraction * L), at least 1, and at least up to the first
+    full-attention layer.
+
+    A prefix of only sliding-window layers (Gemma 3: layers 0-4 are local) is blind beyond the window:
+    every token more than `window` positions before the last one scores 0, and SpecPrefill degenerates to
+    keeping the most recent tokens.
+    """
+    L = len(decoder_layers(model))
+    n = max(1, min(L, round(fraction * L)))
+    windows = _windows(model)
+    if all(w is not None for w in windows[:n]) and any(w is None for w in windows):
+        n = windows.index(None) + 1
+    return n
+
+
+def _ff_plan(sparsity: float, block_size: int, policy: str = "oracle") -> Any:
+    from ffcore.plan import SparsityPlan
+
+    return SparsityPlan(densities=1.0 - sparsity, policy=policy, block_size=block_size, dense_first=True, dense_last=True)
+
+
+def _split_sample(ids: Tensor, seq_len: int) -> tuple[Tensor, Tensor]:
+    """One [seq_len + cont_len] sample -> prompt [1, seq_len], continuation [1, cont_len]."""
+    return ids[None, :seq_len], ids[None, seq_len:]
+
+
+class _Speculator(NamedTuple):
+    name: str
+    model: nn.Module
+    spec: ModelSpec
+
+
+def _speculators(model: nn.Module, fraction: float) -> list[_Speculator]:
+    """The two speculators of the notebook: the main model itself and its first-N-layers view."""
+    from ffcore.flops import spec_from_model
+
+    n = prefix_layers(model, fraction)
+    view = layer_prefix_view(model, n)
+    return [_Speculator("same model", model, spec_from_model(model)),
+            _Speculator(f"first {n} layers", view, spec_from_model(view))]
+
+
+@torch.no_grad()
+def quality_records(
+    model: nn.Module, tokenizer: Any, cfg: SpecPrefillRunConfig, seed: int = 0, log: Callable[[str], None] | None = print,
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Continuation NLL / top-1 agreement of dense, SpecPrefill, FastForward and the combination on eval samples.
+
+    For each eval-split sample the first `seq_len` tokens are the prompt and the next `cont_len`
+    the true continuation, scored by a dense teacher-forced decode from each method's prefill
+    cache. Returns (one record per sample and method, {speculator name: TokenScores of sample 0}).
+    """
+    from ffcore.data import token_samples
+    from ffcore.engine import sparsify
+    from ffcore.flops import spec_from_model
+
+    name = getattr(model, "ffcore_name", type(model).__name__)
+    spec_main = spec_from_model(model)
+    method_cfg = SpecPrefillConfig(lookahead=cfg.lookahead)
+    specs = _speculators(model, cfg.prefix_fraction)
+    view = specs[-1]
+    sliding = any(w is not None for w in _windows(model))
+    data = token_samples(tokenizer, "eval", cfg.seq_len + cfg.cont_len, cfg.n_samples, seed=seed)
+    rows: list[dict[str, Any]] = []
+    examples: dict[str, Any] = {}
+    t_start = time.perf_counter()
+    for i, ids in enumerate(data["input_ids"]):
+        prompt, cont = _split_sample(ids, cfg.seq_len)
+        T = prompt.shape[1]
+        base = {"model": name, "sample": i, "source": data["source"][i], "T": T}
+        dense = score_continuation(model, *prefill_at(model, prompt), cont)
+
+        def record(method: str, res: Continuation, flops: dict[str, Any], **extra: Any) -> None:
+            rows.append({
+                **base, "method": method, "speculator": None, "keep_rate": None, "sparsity": None, **extra,
+                "kept_tokens": flops["kept_tokens"], "nll": float(res.nll.mean()),
+                "dense_nll": float(dense.nll.mean()), "top1_agree": float((res.argmax == dense.argmax).float().mean()),
+                "first_agree": float(res.argmax[0] == dense.argmax[0]), "flops_speedup": flops["speedup"],
+                "speculator_share": flops["speculator_share"],
+            })
+
+        all_pos = torch.arange(T)
+        record("dense", dense, specprefill_flops(spec_main, T, all_pos))
+        for sp in specs:
+            scores = score_tokens(sp.model, prompt, method_cfg)
+            if i == 0:
+                examples[sp.name] = scores
+            for p in cfg.keep_rates:
+                out = speculative_prefill(model, None, prompt, p, method_cfg, scores=scores)
+                res = score_continuation(model, out.logits, out.cache, cont)
+                fl = specprefill_flops(spec_main, T, out.kept, sp.spec, cfg.lookahead)
+                record("specprefill", res, fl, speculator=sp.name, keep_rate=p)
+            if sp is view:
+                view_scores = scores
+        if sliding and cfg.combo_keep_rates:  # the window ablation: transformers' own (cache-slot) windows
+            p = cfg.combo_keep_rates[0]
+            cache_cfg = method_cfg.replace(window="cache")
+            out = speculative_prefill(model, None, prompt, p, cache_cfg, scores=view_scores)
+            fl = specprefill_flops(spec_main, T, out.kept, view.spec, cfg.lookahead, window="cache")
+            record("specprefill, windows on cache slots", score_continuation(model, out.logits, out.cache, cont), fl,
+                   speculator=view.name, keep_rate=p)
+        for s in cfg.sparsities:
+            with sparsify(model, _ff_plan(s, cfg.block_size)):
+                logits, cache = prefill_at(model, prompt)
+            fl = specprefill_flops(spec_main, T, all_pos, densities=1 - s, block_size=cfg.block_size)
+            record("fastforward", score_continuation(model, logits, cache, cont), fl, sparsity=s)
+        for p in cfg.combo_keep_rates:
+            for s in cfg.combo_sparsities:
+                with sparsify(model, _ff_plan(s, cfg.block_size)):
+                    out = speculative_prefill(model, None, prompt, p, method_cfg, scores=view_scores)
+                fl = specprefill_flops(spec_main, T, out.kept, view.spec, cfg.lookahead, densities=1 - s,
+                                       block_size=cfg.block_size)
+                record("specprefill+fastforward", score_continuation(model, out.logits, out.cache, cont), fl,
+                       speculator=view.name, keep_rate=p, sparsity=s)
+        if log:
+            log(f"[{name}] sample {i + 1}/{len(data['input_ids'])} ({data['source'][i]}) done, "
+                f"{time.perf_counter() - t_start:.0f}s")
+    return rows, examples
+
+
+GROUP_KEYS = ("model", "method", "speculator", "keep_rate", "sparsity")
+
+
+def summarize(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Mean over samples per (model, method, speculator, keep rate, sparsity), with the relative NLL gap to dense.
+
+    rel_nll_gap = mean NLL / mean dense NLL - 1 over the same samples (positive = worse than dense).
+    """
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault(tuple(r[k] for k in GROUP_KEYS), []).append(r)
+    out = []
+    for key, rs in groups.items():
+        nll = statistics.fmean(r["nll"] for r in rs)
+        dense = statistics.fmean(r["dense_nll"] for r in rs)
+        out.append({
+            **dict(zip(GROUP_KEYS, key)), "n_samples": len(rs), "nll": nll, "dense_nll": dense,
+            "rel_nll_gap": nll / dense - 1.0, "top1_agree": statistics.fmean(r["top1_agree"] for r in rs),
+            "first_agree": statistics.fmean(r["first_agree"] for r in rs),
+            "kept_fraction": statistics.fmean(r["kept_tokens"] / r["T"] for r in rs),
+            "flops_speedup": statistics.fmean(r["flops_speedup"] for r in rs),
+            "speculator_share": statistics.fmean(r["speculator_share"] for r in rs),
+        })
+    return out
+
+
+def method_label(row: dict[str, Any]) -> str:
+    """A short human-readable name of a summary row's configuration."""
+    m = row["method"]
+    if m == "dense":
+        return "dense"
+    if m == "fastforward":
+        return f"FastForward {row['sparsity']:.0%}"
+    spec = f" [{row['speculator']}]" if row.get("speculator") else ""
+    if m == "specprefill+fastforward":
+        return f"SpecPrefill p={row['keep_rate']} + FF {row['sparsity']:.0%}{spec}"
+    if m == "specprefill":
+        return f"SpecPrefill p={row['keep_rate']}{spec}"
+    return f"{m} p={row['keep_rate']}{spec}"
+
+
+def best_point(summary: Sequence[dict[str, Any]], model: str, method: str, max_gap: float,
+               speculator_prefix: str = "first") -> dict[str, Any] | None:
+    """The highest-FLOP-speedup configuration of a method whose relative NLL gap stays within `max_gap`.
+
+    Falls back to the smallest gap when none qualifies; only speculators whose name starts with
+    `speculator_prefix` (the cheap self-speculator) for methods that use one.
+    """
+    cands = [r for r in summary if r["model"] == model and r["method"] == method
+             and (r["speculator"] is None or str(r["speculator"]).startswith(speculator_prefix))]
+    if not cands:
+        return None
+    ok = [r for r in cands if r["rel_nll_gap"] <= max_gap]
+    return max(ok, key=lambda r: r["flops_speedup"]) if ok else min(cands, key=lambda r: r["rel_nll_gap"])
+
+
+@torch.no_grad()
+def ttft_records(
+    model: nn.Module, tokenizer: Any, cfg: SpecPrefillRunConfig, summary: Sequence[dict[str, Any]],
+    max_gap: float = 0.05, seed: int = 0,
+) -> list[dict[str, Any]]:
+    """Measured CPU time-to-first-token (medians of repeats) of dense, the best SpecPrefill and the best combination.
+
+    "Best" = `best_point` with `max_gap`. SpecPrefill's time is split into the speculator's scoring
+    (prefill + look-ahead, timed once and shared by both configurations) and the main model's prefill
+    of the kept tokens. The combination runs FastForward with *random* experts: every policy computes
+    the same K experts per block, and the oracle's own dense scoring pass is not a deployable cost
+    (the trained predictor adds < 1 % FLOPs).
+    """
+    import os
+
+    from ffcore.data import token_samples
+    from ffcore.engine import sparsify
+
+    name = getattr(model, "ffcore_name", type(model).__name__)
+    prompt = token_samples(tokenizer, "eval", cfg.seq_len, 1, seed=seed)["input_ids"]
+    method_cfg = SpecPrefillConfig(lookahead=cfg.lookahead)
+    view = _speculators(model, cfg.prefix_fraction)[-1]
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+
+    def row(config: str, component: str, med: float, runs: list[float], point: dict[str, Any] | None) -> dict[str, Any]:
+        return {"model": name, "config": config, "component": component, "median_s": med,
+                "runs_s": [round(r, 4) for r in runs], "flops_speedup": point["flops_speedup"] if point else 1.0,
+                "rel_nll_gap": point["rel_nll_gap"] if point else 0.0, "load_avg_1min": load,
+                "torch_threads": torch.get_num_threads()}
+
+    rows = [row("dense", "main prefill", *median_seconds(lambda: prefill_at(model, prompt), cfg.timing_repeats, 0), None)]
+    points = [best_point(summary, name, m, max_gap) for m in ("specprefill", "specprefill+fastforward")]
+    points = [p for p in points if p is not None]
+    if not points:
+        return rows
+    scores = score_tokens(view.model, prompt, method_cfg)
+    spec_time = median_seconds(lambda: score_tokens(view.model, prompt, method_cfg), cfg.timing_repeats, 0)
+    for point in points:
+        kept = select_tokens(scores, point["keep_rate"], method_cfg)
+        config = method_label(point).split(" [")[0]
+        rows.append(row(config, "speculator", *spec_time, point))
+        ctx = sparsify(model, _ff_plan(point["sparsity"], cfg.block_size, "random")) if point["sparsity"] \
+            else contextlib.nullcontext()
+        with ctx:
+            rows.append(row(config, "main prefill", *median_seconds(
+                lambda: prefill_at(model, prompt, kept), cfg.timing_repeats, 0), point))
+    return rows
+
+
+def ttft_totals(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per (model, config): total TTFT (sum of component medians) and measured speedup over dense."""
+    tot: dict[tuple[str, str], dict[str, Any]] = {}
+    for r in rows:
+        t = tot.setdefault((r["model"], r["config"]), {"model": r["model"], "config": r["config"], "ttft_s": 0.0,
+                                                      "flops_speedup": r["flops_speedup"],
+                                                      "rel_nll_gap": r["rel_nll_gap"]})
+        t["ttft_s"] += r["median_s"]
+        t[f"{r['component'].replace(' ', '_')}_s"] = r["median_s"]
+    out = list(tot.values())
+    for t in out:
+        dense = tot[(t["model"], "dense")]["ttft_s"]
+        t["measured_speedup"] = dense / t["ttft_s"]
+    return out
+
+
+# ----------------------------------------------------------------------------- passkey retrieval
+def passkey_prompt(tokenizer: Any, length: int, key: str, depth: float, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """A passkey prompt of `length` tokens: eval-split prose with the key sentence at `depth`, ending in the question.
+
+    Returns (input_ids [1, length], positions of the needle tokens [n]).
+    """
+    from ffcore.data import token_samples
+
+    needle = tokenizer(f"\nThe pass key is {key}. Remember it. {key} is the pass key.\n", add_special_tokens=False)["input_ids"]
+    question = tokenizer("\nWhat is the pass key? The pass key is", add_special_tokens=False)["input_ids"]
+    n_fill = length - len(needle) - len(question)
+    if n_fill < 8:
+        raise ValueError(f"passkey prompt of {length} tokens is too short for the needle and the question")
+    filler = token_samples(tokenizer, "eval", n_fill, 1, sources=("prose",), seed=seed)["input_ids"][0].tolist()
+    cut = max(1, int(depth * n_fill))
+    ids = filler[:cut] + needle + filler[cut:] + question
+    return torch.tensor([ids]), torch.arange(cut, cut + len(needle))
+
+
+@torch.no_grad()
+def passkey_records(model: nn.Module, tokenizer: Any, cfg: SpecPrefillRunConfig, seed: int = 0) -> list[dict[str, Any]]:
+    """Passkey retrieval (exact digits in an 8-token greedy answer) for dense, SpecPrefill, FastForward and the combination."""
+    from ffcore.engine import sparsify
+
+    name = getattr(model, "ffcore_name", type(model).__name__)
+    method_cfg = SpecPrefillConfig(lookahead=cfg.lookahead)
+    view = _speculators(model, cfg.prefix_fraction)[-1]
+    gen = torch.Generator().manual_seed(seed)
+    rows = []
+    s_max = max(cfg.sparsities) if cfg.sparsities else None
+    for i in range(cfg.passkey_samples):
+        key = str(int(torch.randint(10000, 99999, (1,), generator=gen)))
+        depth = 0.2 + 0.6 * float(torch.rand(1, generator=gen))
+        prompt, needle = passkey_prompt(tokenizer, cfg.passkey_len, key, depth, seed=seed + i)
+        scores = score_tokens(view.model, prompt, method_cfg)
+        runs: list[tuple[str, float | None, float | None]] = [("dense", None, None)]
+        runs += [("specprefill", p, None) for p in cfg.keep_rates if p <= 0.5]
+        runs += [("fastforward", None, s_max)] if s_max else []
+        runs += [("specprefill+fastforward", cfg.combo_keep_rates[0], max(cfg.combo_sparsities))] \
+            if cfg.combo_keep_rates and cfg.combo_sparsities else []
+        for method, p, s in runs:
+            ctx = sparsify(model, _ff_plan(s, cfg.block_size)) if s else contextlib.nullcontext()
+            with ctx:
+                if p is None:
+                    logits, cache = prefill_at(model, prompt)
+                    kept = torch.arange(prompt.shape[1])
+                else:
+                    logits, cache, kept = speculative_prefill(model, None, prompt, p, method_cfg, scores=scores)
+            answer = tokenizer.decode(greedy_decode(model, logits, cache, 8)[0])
+            rows.append({"model": name, "sample": i, "key": key, "depth": round(depth, 3), "method": method,
+                         "speculator": view.name if p is not None else None, "keep_rate": p, "sparsity": s,
+                         "needle_kept": float(torch.isin(needle, kept).float().mean()),
+                         "answer": answer, "correct": key in answer.replace(" ", "")})
+    return rows
+
+
+# ----------------------------------------------------------------------------- headline
+def headline(
+    summary: Sequence[dict[str, Any]], ttft_rows: Sequence[dict[str, Any]], passkey_rows: Sequence[dict[str, Any]],
+    max_gap: float,
+) -> list[dict[str, Any]]:
+    """Per model: the best SpecPrefill / combination points, FastForward at its highest sparsity, TTFT and passkey."""
+    out = []
+    totals = ttft_totals(ttft_rows)
+    for model in dict.fromkeys(r["model"] for r in summary):
+        rec: dict[str, Any] = {"model": model}
+        rows = [r for r in summary if r["model"] == model]
+        rec["dense_nll"] = round(rows[0]["dense_nll"], 4)
+        for key, method in (("specprefill", "specprefill"), ("combination", "specprefill+fastforward")):
+            b = best_point(summary, model, method, max_gap)
+            if b:
+                rec[f"{key}_best"] = method_label(b)
+                rec[f"{key}_flops_speedup"] = round(b["flops_speedup"], 3)
+                rec[f"{key}_rel_nll_gap_%"] = round(100 * b["rel_nll_gap"], 2)
+                rec[f"{key}_top1_agree"] = round(b["top1_agree"], 3)
+        ff = [r for r in rows if r["method"] == "fastforward"]
+        if ff:
+            f = max(ff, key=lambda r: r["sparsity"])
+            rec["fastforward"] = method_label(f)
+            rec["fastforward_flops_speedup"] = round(f["flops_speedup"], 3)
+            rec["fastforward_rel_nll_gap_%"] = round(100 * f["rel_nll_gap"], 2)
+        for name in ("same", "first"):
+            at = [r for r in rows if r["method"] == "specprefill" and str(r["speculator"]).startswith(name)
+                  and r["keep_rate"] == 0.5]
+            if at:
+                rec[f"specprefill_p0.5_{name}_rel_nll_gap_%"] = round(100 * at[0]["rel_nll_gap"], 2)
+        for t in totals:
+            if t["model"] == model and t["config"] != "dense":
+                tag = "combination" if "+ FF" in t["config"] else "specprefill"
+                rec[f"{tag}_ttft_measured_speedup"] = round(t["measured_speedup"], 3)
+        for method in dict.fromkeys(r["method"] for r in passkey_rows if r["model"] == model):
+            rs = [r for r in passkey_rows if r["model"] == model and r["method"] == method]
+            rec[f"passkey_{method}"] = f"{sum(r['correct'] for r in rs)}/{len(rs)}"
+        out.append(rec)
+    return out

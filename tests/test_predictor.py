@@ -1,0 +1,188 @@
+"""The expert predictor: labels, forward shapes, training, artifacts, the engine policy, metrics."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from ffcore.collect import CollectConfig, Collection, collect, load_collection_dir
+from ffcore.engine import sparsify
+from ffcore.models import load_model, model_dims
+from ffcore.plan import SparsityPlan
+from ffcore.policies import SelectContext, SelectionPolicy
+from ffcore.predictor import (
+    ExpertPredictor, LabelConfig, PredictorConfig, load_predictor, make_labels, pool_and_score,
+    predictor_flop_share, predictor_meta, predictor_rank, predict_scores, save_predictor, selection_metrics,
+    train_predictor, weighted_bce,
+)
+from ffcore.sparse_ffn import fused_ffn
+
+
+# ------------------------------------------------------------------ labels
+def test_labels_on_a_hand_made_example():
+    # 20 neurons; scores 0..19 shuffled. Top 10 are positives in fifths of 2: weights 32,32,16,16,...,2,2.
+    scores = torch.tensor([3., 19, 0, 7, 12, 18, 1, 5, 16, 9, 14, 2, 17, 4, 11, 6, 15, 8, 13, 10])
+    y, w = make_labels(scores)
+    expected_w = {19: 32, 18: 32, 17: 16, 16: 16, 15: 8, 14: 8, 13: 4, 12: 4, 11: 2, 10: 2}
+    for j, s in enumerate(scores.tolist()):
+        assert y[j] == (1.0 if s >= 10 else 0.0), (j, s)
+        assert w[j] == expected_w.get(int(s), 1.0), (j, s)
+    assert y.sum() == 10 and w.sum() == 2 * (32 + 16 + 8 + 4 + 2) + 10
+
+
+def test_labels_are_parameters_and_batch_wise():
+    scores = torch.arange(8.0).flip(0).expand(3, 2, 8)  # neuron 0 best
+    y, w = make_labels(scores, LabelConfig(pos_frac=0.25, pos_weights=(5.0,), neg_weight=0.5))
+    assert y.shape == w.shape == (3, 2, 8)
+    assert y[0, 0].tolist() == [1, 1, 0, 0, 0, 0, 0, 0]
+    assert w[2, 1].tolist() == [5, 5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5]
+    y2, w2 = make_labels(torch.tensor([1.0, 4.0, 3.0, 2.0, 0.0]), LabelConfig(pos_frac=0.6, pos_weights=(3.0, 2.0)))
+    assert y2.tolist() == [0, 1, 1, 1, 0] and w2.tolist() == [1, 3, 3, 2, 1]  # groups floor(k*2/3) = 0,0,1
+    with pytest.raises(ValueError):
+        LabelConfig(pos_frac=1.0)
+
+
+def test_weighted_bce_matches_formula():
+    logits = torch.randn(4, 3, 10)
+    y, w = make_labels(torch.rand(4, 3, 10))
+    p = logits.sigmoid()
+    ref = -(w * (y * p.log() + (1 - y) * (1 - p).log())).sum(-1) / w.sum(-1)
+    torch.testing.assert_close(weighted_bce(logits, y, w), ref.mean(0), atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------ the model
+def test_rank_is_power_of_two_at_or_above_d_over_16():
+    assert [predictor_rank(d) for d in (64, 576, 640, 2048, 3072, 4096)] == [4, 64, 64, 128, 256, 256]
+
+
+def test_forward_matches_the_paper_equations():
+    torch.manual_seed(0)
+    pred = ExpertPredictor(L=3, d=16, f=40)
+    with torch.no_grad():
+        pred.q.normal_()
+    X = torch.randn(5, 3, 7, 16)  # [n, L, N, d]
+    s = pred(X)
+    assert s.shape == (5, 3, 40) and pred.r == 1
+    l, b = 2, 4
+    a = torch.softmax(pred.q[l] @ X[b, l].T / math.sqrt(16), dim=-1) @ X[b, l]  # eq. 12
+    ref = torch.relu(a @ pred.w1[l]) @ pred.w2[l]  # eq. 13
+    torch.testing.assert_close(s[b, l], ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(pred.layer_scores(l, X[:, l]), s[:, l], atol=1e-5, rtol=1e-5)
+
+
+def _ctx(x: torch.Tensor, spans, k: int, layer: int = 1) -> SelectContext:
+    model, _ = load_model("tiny-llama")
+    from ffcore.models import gated_mlps
+
+    return SelectContext(layer, x, spans, k, fused_ffn(gated_mlps(model)[layer]), 128)
+
+
+def test_select_top_k_for_full_partial_and_decode_spans():
+    torch.manual_seed(1)
+    pred = ExpertPredictor(L=4, d=64, f=256)
+    assert isinstance(pred, SelectionPolicy) and pred.name == "predictor"
+    x = torch.randn(300, 64)
+    spans = [(128, 256), (0, 128), (256, 300)]  # two full blocks and a partial one
+    idx = pred.select(_ctx(x, spans, k=100))
+    assert idx.shape == (3, 100) and idx.dtype == torch.long
+    for j, (s, e) in enumerate(spans):
+        ref = pred.layer_scores(1, x[s:e].unsqueeze(0))[0].topk(100).indices.sort().values
+        assert torch.equal(idx[j], ref)
+        assert torch.all(idx[j][1:] > idx[j][:-1])  # sorted, unique
+    one = pred.select(_ctx(x[:1], [(0, 1)], k=10))
+    assert one.shape == (1, 10)
+
+
+# ------------------------------------------------------------------ training and artifacts
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    model, tok = load_model("tiny-llama")
+    root = tmp_path_factory.mktemp("pred")
+    folders = {}
+    for split, n in (("train", 6), ("eval", 2)):
+        cfg = CollectConfig(split=split, n_samples=n, seq_len=512, samples_per_shard=3, batch_size=3)
+        folders[split] = collect(model, tok, "tiny-llama", "smoke", cfg, folder=root / split, progress=False)
+    train = load_collection_dir(folders["train"])
+    cfg = PredictorConfig(mean_pool_epochs=25, max_epochs=5, patience=25, lr=1e-2, batch_blocks=8)
+    res = train_predictor(train, cfg, meta=predictor_meta(model, "tiny-llama", train), progress=False)
+    return model, train, load_collection_dir(folders["eval"]), res, root
+
+
+def test_training_reduces_the_loss(trained):
+    _, _, _, res, _ = trained
+    h = res.history
+    assert h[-1]["train_loss"] < 0.9 * h[0]["train_loss"]
+    assert min(e["val_loss"] for e in h) < h[0]["val_loss"]
+    meta = res.predictor.meta["training"]
+    assert meta["train_blocks"] > 0 and meta["val_blocks"] > 0 and meta["epochs_run"] == len(h)
+
+
+def test_save_load_round_trip_and_mismatch_refusal(trained):
+    model, train, _, res, root = trained
+    save_predictor(res.predictor, root / "art")
+    back = load_predictor(root / "art", model)
+    X = train.X[:3].float()
+    torch.testing.assert_close(back(X), res.predictor(X))
+    assert back.meta["fingerprint"] == res.predictor.meta["fingerprint"]
+    other, _ = load_model("tiny-qwen3")  # same shapes, different weights
+    assert model_dims(other)["d"] == model_dims(model)["d"]
+    with pytest.raises(ValueError, match="fingerprint"):
+        load_predictor(root / "art", other)
+    gemma, _ = load_model("tiny-gemma3")
+    with torch.no_grad():  # change a shape the predictor depends on
+        bad = ExpertPredictor(4, 64, 128, meta={"model": "x", "fingerprint": "y"})
+    save_predictor(bad, root / "bad")
+    with pytest.raises(ValueError, match="shape"):
+        load_predictor(root / "bad", gemma)
+    with pytest.raises(FileNotFoundError):
+        load_predictor(root / "missing", model)
+
+
+def test_predictor_policy_inside_sparsify(trained):
+    model, _, _, res, _ = trained
+    ids = torch.randint(0, 256, (1, 300), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        dense = model(ids).logits
+        with sparsify(model, SparsityPlan(densities=0.5, policy=res.predictor)) as st:
+            out = model(ids).logits
+        with sparsify(model, SparsityPlan(densities=1.0, policy=res.predictor)):
+            full = model(ids).logits
+    assert out.shape == dense.shape and torch.isfinite(out).all()
+    assert st.stats["sparse_tokens"] > 0 and not torch.allclose(out, dense)
+    torch.testing.assert_close(full, dense)
+
+
+def test_metrics_and_baselines(trained):
+    _, train, heldout, res, _ = trained
+    pred = predict_scores(res.predictor, heldout)
+    rows = selection_metrics(heldout, pred, prior=train.scores.mean(0), densities=(0.5, 0.7))
+    mean = {(r["policy"], r["density"]): r for r in rows if r["layer"] == -1}
+    for dens in (0.5, 0.7):
+        assert mean[("oracle", dens)]["recall"] == pytest.approx(1.0)
+        assert mean[("oracle", dens)]["mass"] == pytest.approx(1.0)
+        for p in ("predictor", "first_block_static", "random", "global_static"):
+            assert 0 < mean[(p, dens)]["mass"] <= 1 + 1e-6 and 0 <= mean[(p, dens)]["recall"] <= 1
+        assert mean[("random", dens)]["recall"] == pytest.approx(dens, abs=0.05)
+    n_layers = heldout.scores.shape[1]
+    assert len(rows) == 2 * 5 * (n_layers + 1)
+
+
+def test_first_block_static_metric_uses_the_same_samples_first_block():
+    f, L = 10, 1
+    sc = torch.rand(4, L, f)
+    coll = Collection(None, sc, torch.tensor([0, 0, 1, 1]), torch.tensor([0, 1, 0, 1]), [0], {})
+    coll.scores[1] = coll.scores[0]  # sample 0: block 1 repeats block 0 -> static is perfect there
+    rows = selection_metrics(coll, densities=(0.5,))
+    static = [r for r in rows if r["policy"] == "first_block_static" and r["layer"] == 0][0]
+    k = 5
+    own = (sc[3, 0, sc[2, 0].topk(k).indices]).sum() / sc[3, 0].topk(k).values.sum()
+    assert static["mass"] == pytest.approx((1.0 + float(own)) / 2, abs=1e-6)
+
+
+def test_flop_share():
+    out = predictor_flop_share(576, 1536, block_size=128)
+    assert out["r"] == 64
+    assert out["predictor_flops"] == 4 * 128 * 576 + 2 * 576 * 64 + 2 * 64 * 1536
+    assert out["share"] == pytest.approx(out["predictor_flops"] / (6 * 128 * 576 * 1536))
+    assert out["share"] < 0.01
