@@ -25,9 +25,10 @@ Optional FastForward overheads (section 3), counted by `predictor_flops` / `comp
   (`2*d*r + 2*r*f`), `r` = the power of two at or above `d/16`;
 * error compensator, per token of a sparse block and layer: `d -> d/8 -> d` (`4*d*(d//8)`).
 
-Not counted (all `O(T*d)` or `O(T*heads)` per layer, below 1 % of the total for every config
-here): softmax, RMSNorm, rotary embeddings, activation functions and the gating product,
-residual adds, the embedding lookup (no FLOPs), the predictor's softmax/ReLU and top-K.
+Not counted, because they are elementwise: `O(T*d)` per layer against the `O(T*d*d)` matmuls,
+or a few operations per score for the softmax against `4*head_dim` per score for QK^T + AV:
+softmax, RMSNorm, rotary embeddings, activation functions and the gating product, residual
+adds, the embedding lookup (no FLOPs), the predictor's softmax/ReLU and top-K.
 """
 from __future__ import annotations
 

@@ -217,7 +217,6 @@ def layer_prefix_view(model: nn.Module, n_layers: int) -> nn.Module:
             parent = child
         parent._modules[path[-1]] = new_owner
     view.ffcore_name = f"{getattr(model, 'ffcore_name', type(model).__name__)}[:{n_layers}]"
-    view.ffcore_prefix_of = model
     return view.eval()
 
 
@@ -314,7 +313,7 @@ def position_masks(model: nn.Module, q_pos: Tensor, k_pos: Tensor) -> Any:
     return fmt(sliding if any(w is not None for w in _windows(model)) else causal)
 
 
-def _forward(model: nn.Module, ids: Tensor, q_pos: Tensor, cache: PositionCache, logits_to_keep: int) -> Tensor:
+def _forward(model: nn.Module, ids: Tensor, q_pos: Tensor, cache: PositionCache, logits_to_keep: int | Tensor) -> Tensor:
     """Run `ids` [1, n] at positions q_pos [n] on top of `cache` (updated in place); return logits [1, n', V]."""
     n_before = cache.cached
     k_pos = torch.cat([cache.key_positions, q_pos])
@@ -363,11 +362,15 @@ def prefill_at(
 
 
 @torch.no_grad()
-def extend(model: nn.Module, cache: PositionCache, input_ids: Tensor) -> Tensor:
-    """Feed `input_ids` [1, n] at the next positions after `cache` (teacher forcing / decode); logits [1, n, V]."""
+def extend(model: nn.Module, cache: PositionCache, input_ids: Tensor, logits: bool = True) -> Tensor:
+    """Feed `input_ids` [1, n] at the next positions after `cache` (teacher forcing / decode); logits [1, n, V].
+
+    `logits=False` skips the lm head (returns [1, 0, V]): only the cache and the hooks see the step.
+    """
     n = input_ids.shape[1]
     q_pos = torch.arange(cache.next_position, cache.next_position + n, device=input_ids.device)
-    logits = _forward(model, input_ids, q_pos, cache, logits_to_keep=0)
+    keep = 0 if logits else torch.zeros(0, dtype=torch.long, device=input_ids.device)  # no rows for the lm head
+    logits = _forward(model, input_ids, q_pos, cache, logits_to_keep=keep)
     cache.next_position += n
     return logits
 
@@ -491,11 +494,13 @@ def score_tokens(speculator: nn.Module, input_ids: Tensor, config: SpecPrefillCo
         with dense_mlps(speculator):
             logits, cache = prefill_at(speculator, input_ids, keep_all_keys=True)
             rows.append(state["acc"])
-            for _ in range(cfg.lookahead):
+            for step in range(cfg.lookahead):
                 tok = logits.argmax(-1, keepdim=True)  # [1, 1]
                 look.append(int(tok))
                 state["q_pos"], state["acc"] = cache.next_position, None
-                logits = extend(speculator, cache, tok)[:, -1]
+                last = step == cfg.lookahead - 1  # its query is scored, its next token is never needed
+                out = extend(speculator, cache, tok, logits=not last)
+                logits = out[:, -1] if not last else logits
                 rows.append(state["acc"])
     finally:
         for h in handles:
@@ -905,17 +910,22 @@ def method_label(row: dict[str, Any]) -> str:
 
 def best_point(summary: Sequence[dict[str, Any]], model: str, method: str, max_gap: float,
                speculator_prefix: str = "first") -> dict[str, Any] | None:
-    """The highest-FLOP-speedup configuration of a method whose relative NLL gap stays within `max_gap`.
+    """The configuration of a method to time: the highest FLOP speedup (> 1) whose relative NLL gap stays within
+    `max_gap`; else the smallest gap among those faster than dense; else the fastest.
 
-    Falls back to the smallest gap when none qualifies; only speculators whose name starts with
-    `speculator_prefix` (the cheap self-speculator) for methods that use one.
+    Only speculators whose name starts with `speculator_prefix` (the cheap self-speculator) count.
     """
     cands = [r for r in summary if r["model"] == model and r["method"] == method
              and (r["speculator"] is None or str(r["speculator"]).startswith(speculator_prefix))]
     if not cands:
         return None
-    ok = [r for r in cands if r["rel_nll_gap"] <= max_gap]
-    return max(ok, key=lambda r: r["flops_speedup"]) if ok else min(cands, key=lambda r: r["rel_nll_gap"])
+    faster = [r for r in cands if r["flops_speedup"] > 1.0]
+    ok = [r for r in faster if r["rel_nll_gap"] <= max_gap]
+    if ok:
+        return max(ok, key=lambda r: r["flops_speedup"])
+    if faster:
+        return min(faster, key=lambda r: r["rel_nll_gap"])
+    return max(cands, key=lambda r: r["flops_speedup"])
 
 
 @torch.no_grad()

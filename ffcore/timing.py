@@ -10,6 +10,7 @@ gets warm-up passes, then the median over repeats. Torch threads stay at the mac
 from __future__ import annotations
 
 import dataclasses
+import os
 import statistics
 import time
 from contextlib import contextmanager
@@ -138,11 +139,12 @@ def timing_records(
     model: nn.Module, tokenizer: Any, cfg: TimingConfig, name: str | None = None, seed: int = 0,
     prompt: torch.Tensor | None = None,
 ) -> list[dict[str, Any]]:
-    """Flat records (model, T, component, median_s, share, repeats) of a measured prefill breakdown.
+    """Flat records (model, T, component, median_s, share, repeats, load_1min) of a measured prefill breakdown.
 
     One real-text prompt of the longest usable length is drawn once (or `prompt`, shape
     [1, >= that length], is used); shorter prompts are its prefixes. `component` is
-    attention, mlp, other or total; `share` is of the total.
+    attention, mlp, other or total; `share` is of the total; `load_1min` is the machine's
+    1-minute load average after the measurement (other processes competing for the cores).
     """
     name = name or getattr(model, "ffcore_name", type(model).__name__)
     lengths = usable_lengths(model, cfg.context_lengths)
@@ -156,9 +158,10 @@ def timing_records(
     for T in lengths:
         warmup, repeats = cfg.plan(T)
         med = median_prefill(model, ids[:, :T], repeats, warmup)
+        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
         rows += [
             {"model": name, "T": T, "component": c, "median_s": med[c], "share": med[c] / med["total"],
-             "repeats": repeats}
+             "repeats": repeats, "load_1min": load}
             for c in TIMED_COMPONENTS + ("total",)
         ]
     return rows
@@ -171,9 +174,47 @@ def measure_models(keys: Sequence[str], cfg: TimingConfig, seed: int = 0) -> lis
     from ffcore.models import load_model
 
     rows: list[dict[str, Any]] = []
+    prompts: dict[tuple[str, int, int], torch.Tensor] = {}  # models sharing a tokenizer share the prompt
     for key in keys:
         model, tok = load_model(key)
-        rows += timing_records(model, tok, cfg, name=key, seed=seed)
+        lengths = usable_lengths(model, cfg.context_lengths)
+        if lengths:
+            tok_key = (type(tok).__name__ + str(getattr(tok, "name_or_path", "")), len(tok), max(lengths))
+            if tok_key not in prompts:
+                prompts[tok_key] = prompt_ids(tok, max(lengths), seed)
+            rows += timing_records(model, tok, cfg, name=key, seed=seed, prompt=prompts[tok_key])
         del model
         gc.collect()
     return rows
+
+
+def measured_crossover(rows: Sequence[dict[str, Any]]) -> dict[str, int | None]:
+    """Per model, the smallest measured T at which attention took longer than the MLP (None if never)."""
+    times = {(r["model"], r["T"], r["component"]): r["median_s"] for r in rows}
+    out: dict[str, int | None] = {}
+    for model in dict.fromkeys(r["model"] for r in rows):
+        Ts = sorted({T for (m, T, _) in times if m == model})
+        out[model] = next((T for T in Ts if times[model, T, "attention"] > times[model, T, "mlp"]), None)
+    return out
+
+
+def achieved_rates(rows: Sequence[dict[str, Any]], specs: Sequence[Any]) -> list[dict[str, Any]]:
+    """Achieved GFLOP/s of attention and MLP: the FLOP model's count over the measured time.
+
+    Attention FLOPs are given both ways (visible pairs only / full T x T scores); see `ffcore.flops`.
+    """
+    from ffcore import flops
+
+    by_name = {s.name: s for s in specs}
+    out = []
+    for r in rows:
+        if r["component"] not in ("attention", "mlp") or r["model"] not in by_name:
+            continue
+        spec = by_name[r["model"]]
+        counts = {p: flops.group_flops(flops.prefill_flops(spec, r["T"], p)) for p in flops.PAIR_MODES}
+        rec = {"model": r["model"], "T": r["T"], "component": r["component"], "median_s": r["median_s"]}
+        for p, g in counts.items():
+            n = g["ffn"] if r["component"] == "mlp" else g["attention_core"] + g["attention_proj"]
+            rec[f"gflops_{p}"] = n / r["median_s"] / 1e9
+        out.append(rec)
+    return out

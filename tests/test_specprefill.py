@@ -239,13 +239,15 @@ def test_summary_and_best_point():
          "kept_tokens": 10, "nll": 2.0, "dense_nll": 2.0, "top1_agree": 1.0, "first_agree": 1.0,
          "flops_speedup": 1.0, "speculator_share": 0.0},
     ]
-    for p, nll, sp in ((0.3, 2.4, 2.0), (0.5, 2.06, 1.5)):
+    for p, nll, sp in ((0.3, 2.4, 2.0), (0.5, 2.06, 1.5), (0.9, 2.0, 0.9)):
         rows.append({**rows[0], "method": "specprefill", "speculator": "first 1 layers", "keep_rate": p,
                      "kept_tokens": int(10 * p), "nll": nll, "flops_speedup": sp})
     summ = summarize(rows)
-    assert [round(r["rel_nll_gap"], 3) for r in summ] == [0.0, 0.2, 0.03]
-    assert best_point(summ, "m", "specprefill", 0.05)["keep_rate"] == 0.5
+    assert [round(r["rel_nll_gap"], 3) for r in summ] == [0.0, 0.2, 0.03, 0.0]
+    assert best_point(summ, "m", "specprefill", 0.05)["keep_rate"] == 0.5  # fastest within the gap
     assert best_point(summ, "m", "specprefill", 0.5)["keep_rate"] == 0.3
+    assert best_point(summ, "m", "specprefill", 0.01)["keep_rate"] == 0.5  # none within: smallest gap, > 1x
+    assert best_point(summ, "m", "fastforward", 0.05) is None
 
 
 # ----------------------------------------------------------------------------- bad input

@@ -24,6 +24,7 @@ _EXPORTS = {
     "SUITE_VERSION": "ffcore.evaluation.suite",
     "build_suite": "ffcore.evaluation.suite",
     "suite_overview": "ffcore.evaluation.suite",
+    "suite_config": "ffcore.evaluation.suite",
     "RunConfig": "ffcore.evaluation.runner",
     "evaluate": "ffcore.evaluation.runner",
     "run_configs": "ffcore.evaluation.runner",

@@ -7,8 +7,9 @@ token budget with the model's own tokenizer, so prompts differ between tokenizer
 * `code_completion` (Code, like LongBench lcc): the prefix of a standard-library file up to
   a line; predict the next non-trivial code line; edit similarity (fuzz ratio / 100).
   Chance = mean edit similarity of random other code lines of the same file to the target.
-* `kv_retrieval` (Synthetic): a JSON object of random hex keys -> values, one-shot example,
-  then ask one key's value; exact match. Chance = 1 / number of pairs.
+* `kv_retrieval` (Synthetic): a JSON object of random keys -> values (word-pair keys and
+  6-digit values, or UUID-like hex), a one-shot example, then ask one key's value; exact
+  match. Chance = 1 / number of pairs.
 * `passkey` (Synthetic): "The pass key is 68213. Remember it. ..." buried at a random depth
   in real prose; the prompt ends "The pass key is"; exact match on the number.
   Chance = 1 / 9 * 10^(digits-1) (guessing a number of that many digits).
@@ -79,7 +80,10 @@ class SuiteConfig(StrictConfig):
     context_tokens:      prompt token budgets; sample i of a task uses entry i % len (1K-4K typical).
     tasks:               which tasks to build (names in `TASKS`).
     seed:                everything random (documents, keys, depths, shots) derives from it.
-    kv_key_chars:        hex characters per key and per value (8: 'a3f9c2d1'; 32 looks like a UUID).
+    kv_format:           'words' (keys like 'amber-lambda' from eval-prose words, values 6-digit
+                         numbers) or 'hex' (keys and values of `kv_key_chars` hex digits, UUID-like).
+                         Small models match hex keys poorly (one token per hex digit).
+    kv_key_chars:        hex characters per key and per value in 'hex' format.
     kv_one_shot:         show one solved lookup (another key of the same object) before the question.
     passkey_digits:      digits of the pass key.
     classify_by:         'module' (classes = stdlib files, e.g. 'email.feedparser') or 'package'
@@ -100,6 +104,7 @@ class SuiteConfig(StrictConfig):
     context_tokens: tuple[int, ...] = (1024, 2048)
     tasks: tuple[str, ...] = TASK_NAMES
     seed: int = 0
+    kv_format: str = "words"
     kv_key_chars: int = 8
     kv_one_shot: bool = True
     passkey_digits: int = 5
@@ -125,6 +130,8 @@ class SuiteConfig(StrictConfig):
             raise ValueError(f"unknown task(s) {unknown}; choose from {list(TASKS)}")
         if self.n_per_task < 1 or not self.context_tokens or min(self.context_tokens) < 128:
             raise ValueError("need n_per_task >= 1 and context_tokens entries >= 128")
+        if self.kv_format not in ("words", "hex"):
+            raise ValueError(f"kv_format must be 'words' or 'hex', got {self.kv_format!r}")
         if self.classify_by not in ("module", "package") or self.classify_classes < 2:
             raise ValueError("classify_by must be 'module' or 'package', and classify_classes >= 2")
         lo, hi = self.depth_range
@@ -262,6 +269,25 @@ def _hex(rng: random.Random, n: int) -> str:
     return "".join(rng.choice("0123456789abcdef") for _ in range(n))
 
 
+@functools.lru_cache(maxsize=1)
+def _prose_words() -> tuple[str, ...]:
+    """Distinct lower-case alphabetic words (4-10 letters) of the eval prose, sorted."""
+    words: set[str] = set()
+    for _, text in _eval_docs("prose"):
+        words.update(w for w in re.findall(r"[a-z]{4,10}", text) if w.isalpha())
+    return tuple(sorted(words))
+
+
+def _kv_item(rng: random.Random, cfg: SuiteConfig, key: bool) -> str:
+    """A key or value: hex ('a3f9c2d1') or words format (keys 'amber-lambda', values 6-digit numbers)."""
+    if cfg.kv_format == "hex":
+        return _hex(rng, cfg.kv_key_chars)
+    if key:
+        words = _prose_words()
+        return f"{rng.choice(words)}-{rng.choice(words)}"
+    return str(rng.randint(100000, 999999))
+
+
 def _kv_rows(tokenizer: Any, cfg: SuiteConfig) -> list[dict[str, Any]]:
     rows = []
     for i in range(cfg.n_per_task):
@@ -271,11 +297,17 @@ def _kv_rows(tokenizer: Any, cfg: SuiteConfig) -> list[dict[str, Any]]:
         keys: list[str] = []
         seen: set[str] = set()
         while len(keys) < n_max:
-            k = _hex(rng, cfg.kv_key_chars)
+            k = _kv_item(rng, cfg, True)
             if k not in seen:
                 seen.add(k)
                 keys.append(k)
-        values = [_hex(rng, cfg.kv_key_chars) for _ in range(n_max)]
+        values: list[str] = []
+        vseen: set[str] = set()
+        while len(values) < n_max:  # distinct values: a right answer is never ambiguous
+            v = _kv_item(rng, cfg, False)
+            if v not in vseen:
+                vseen.add(v)
+                values.append(v)
         depth, shot_u = _depth(rng, cfg), rng.random()
 
         def pick(n: int, depth: float = depth, shot_u: float = shot_u) -> tuple[int, int]:
@@ -296,7 +328,7 @@ def _kv_rows(tokenizer: Any, cfg: SuiteConfig) -> list[dict[str, Any]]:
         rows.append(make_row(
             seed=cfg.seed, task="kv_retrieval", category=TASKS["kv_retrieval"].category,
             metric="exact_match", prompt=prompt, prompt_ids=tokenizer(prompt)["input_ids"],
-            answers=[values[q]], chance=1.0 / n, max_new_tokens=2 * cfg.kv_key_chars + 4, stop=['"', "\n"],
+            answers=[values[q]], chance=1.0 / n, max_new_tokens=2 * max(cfg.kv_key_chars, 6) + 4, stop=['"', "\n"],
             meta={"budget": budget, "pairs": n, "query_index": q, "shot_index": s},
         ))
     return rows
@@ -557,6 +589,19 @@ def suite_overview(dataset: Any) -> list[dict[str, Any]]:
     for d in out.values():
         d["chance"] = d["chance"] / d["n"]
     return list(out.values())
+
+
+def suite_config(profile: str, **overrides: Any) -> SuiteConfig:
+    """The suite size of a run profile: smoke (tiny models, seconds), quick (8/task, 1K-2K), full (24/task, 1K-4K)."""
+    from ffcore.profiles import pick
+
+    base = pick(
+        profile,
+        smoke=dict(n_per_task=2, context_tokens=(1024,), continuation_tokens=16, continuation_greedy=4),
+        quick=dict(n_per_task=8, context_tokens=(1024, 2048)),
+        full=dict(n_per_task=24, context_tokens=(1024, 2048, 4096)),
+    )
+    return SuiteConfig.from_dict({**base, **overrides})
 
 
 def task_specs(names: Sequence[str] | None = None) -> list[TaskSpec]:

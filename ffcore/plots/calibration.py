@@ -5,7 +5,7 @@ from typing import Mapping, Sequence
 
 import matplotlib.pyplot as plt
 import numpy as np
-from matplotlib.ticker import MaxNLocator
+from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
 from ffcore.calibration import CalibrationResult
 from ffcore.plots import PALETTE
@@ -39,8 +39,8 @@ def _type_legend(ax: plt.Axes, r: CalibrationResult, extra: Sequence = ()) -> No
     if _has_sliding(r):
         handles = [Patch(color=FULL_COLOR, label="full attention"),
                    Patch(color=SLIDING_COLOR, label=f"sliding window {max(w for w in r.layer_windows if w)}")] + handles
-    if handles:
-        ax.legend(handles=handles, loc="upper right", fontsize=8, frameon=True)
+    if handles:  # callers leave head-room above the bars for it
+        ax.legend(handles=handles, loc="upper right", ncol=min(len(handles), 2), fontsize=8, frameon=True)
 
 
 def plot_block_histograms(
@@ -56,8 +56,10 @@ def plot_block_histograms(
     ncols = max(len(p) for p in picks.values())
     fig, axes = plt.subplots(len(results), ncols, figsize=(2.5 * ncols, 2.5 * len(results)), squeeze=False)
     for row, (key, r) in enumerate(results.items()):
-        vmax = max(float(r.block_values(i).max()) for i in picks[key])
-        edges = np.linspace(0, vmax * 1.02, bins + 1)
+        # log-spaced bins shared by the row: block values span decades (late blocks are seen by few queries)
+        allv = np.concatenate([r.block_values(i).numpy() for i in picks[key]])
+        vmin = max(float(allv[allv > 0].min()) if (allv > 0).any() else 1e-3, 1e-3)
+        edges = np.geomspace(vmin * 0.98, max(float(allv.max()), vmin * 1.1) * 1.02, bins + 1)
         for col in range(ncols):
             ax = axes[row, col]
             if col >= len(picks[key]):
@@ -67,12 +69,16 @@ def plot_block_histograms(
             vals = r.block_values(i).numpy()
             ax.hist(vals, bins=edges, color=_colors(r)[i], alpha=0.85)
             ax.axvline(vals.mean(), color="k", lw=1, ls="--")
+            ax.set_xscale("log")
+            ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+            ax.xaxis.set_minor_formatter(NullFormatter())
             ax.set_title(_layer_label(r, i), fontsize=9)
             ax.tick_params(labelsize=7)
             if col == 0:
                 ax.set_ylabel(f"{key}\nblocks", fontsize=9)
             if row == len(results) - 1:
-                ax.set_xlabel("attention received per block", fontsize=8)
+                ax.set_xlabel("attention received per block (log)", fontsize=8)
     fig.suptitle("Attention received per 128-token block, first (sink) block excluded (cf. paper Fig. 4);"
                  " dashed: mean", fontsize=10)
     fig.tight_layout()
@@ -85,6 +91,7 @@ def plot_block_means(results: Mapping[str, CalibrationResult]) -> plt.Figure:
     for ax, (key, r) in zip(axes[0], results.items()):
         m = r.mean_block_mass()
         ax.bar(range(r.n_layers), m, color=_colors(r))
+        ax.set_ylim(0, max(m) * 1.3)
         ax.set_title(key)
         ax.set_xlabel("layer")
         ax.set_ylabel("mean attention per block")

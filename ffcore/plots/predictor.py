@@ -5,6 +5,7 @@ from typing import Any, Sequence
 
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.ticker import MaxNLocator
 from torch import Tensor
 
 from ffcore.plots import PALETTE
@@ -64,6 +65,9 @@ def per_layer_quality(rows_by_model: dict[str, Sequence[dict[str, Any]]], densit
         axes[0, col].set_ylabel("recall of oracle top-K")
         axes[1, col].set_ylabel("captured importance mass")
         axes[1, col].set_xlabel("layer")
-    axes[0, 0].legend(fontsize=8)
-    fig.tight_layout()
+        for ax in axes[:, col]:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8, bbox_to_anchor=(0.5, -0.03))
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
     return fig

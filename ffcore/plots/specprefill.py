@@ -34,7 +34,7 @@ def score_profile(scores: Mapping[str, Any], kept: Mapping[str, Any], title: str
         ax.plot(x, sc.token.numpy(), color="#7f7f7f", lw=0.6, alpha=0.7, label="token score")
         ax.plot(x, sc.smoothed.numpy(), color=PALETTE[0], lw=1.2, label="smoothed (avg pool 13)")
         edges = np.minimum(np.arange(len(sc.chunk) + 1) * cs, T)
-        ax.stairs(sc.chunk.numpy(), edges, color=PALETTE[1], lw=1.5, label=f"chunk mean ({cs} tokens)")
+        ax.stairs(sc.chunk.numpy(), edges, baseline=None, color=PALETTE[1], lw=1.5, label=f"chunk mean ({cs} tokens)")
         ax.set_yscale("log")
         ax.set_ylabel("attention score")
         ax.set_title(f"speculator: {name}", loc="left", fontsize=10)
@@ -62,6 +62,8 @@ def _series_label(key: str, rows: Sequence[Mapping[str, Any]]) -> str:
         return "FastForward alone, oracle experts (sparsity)"
     if key == "specprefill+fastforward":
         return f"SpecPrefill [{rows[0]['speculator']}] + FastForward (keep rate / sparsity)"
+    if key == "specprefill, windows on cache slots":
+        return f"SpecPrefill [{rows[0]['speculator']}], sliding windows on cache slots"
     return f"{key} (keep rate)"
 
 
@@ -82,11 +84,20 @@ def pareto(summary: Sequence[Mapping[str, Any]]) -> plt.Figure:
         series: dict[str, list[Mapping[str, Any]]] = {}
         for r in rows:
             series.setdefault(_series_key(r), []).append(r)
+        regular = [100 * r["rel_nll_gap"] for r in rows if _series_key(r) != "specprefill, windows on cache slots"]
+        top = max(regular + [1.0]) * 1.25  # an ablation far off this scale is drawn at the top edge
         for key, rs in series.items():
             colour, marker = SERIES_STYLE.get(key, ("#333333", "o"))
             rs = sorted(rs, key=lambda r: (r.get("sparsity") or 0, r["flops_speedup"]))
             x = [r["flops_speedup"] for r in rs]
             y = [100 * r["rel_nll_gap"] for r in rs]
+            if any(v > top for v in y):
+                for xi, yi in zip(x, y):
+                    if yi > top:
+                        ax.annotate(f"+{yi:.0f} % (off scale)", (xi, top * 0.97), xytext=(0, -14),
+                                    textcoords="offset points", ha="center", fontsize=7, color=colour,
+                                    arrowprops=dict(arrowstyle="->", color=colour))
+                y = [min(v, top * 0.97) for v in y]
             ls = "none" if key == "specprefill+fastforward" or len(rs) == 1 else "-"
             ax.plot(x, y, marker=marker, color=colour, ls=ls, lw=1.2, ms=6, label=_series_label(key, rs))
             for r, xi, yi in zip(rs, x, y):
@@ -95,10 +106,12 @@ def pareto(summary: Sequence[Mapping[str, Any]]) -> plt.Figure:
         ax.plot([1.0], [0.0], marker="*", color="black", ms=12, ls="none", label="dense")
         ax.axvline(1.0, color="#999999", lw=0.8, ls=":")
         ax.axhline(0.0, color="#999999", lw=0.8, ls=":")
+        lo = min(regular + [0.0])
+        ax.set_ylim(lo - 0.08 * (top - lo), top)
         ax.set_xlabel("compute-bound prefill speedup (FLOPs, speculator included)")
         ax.set_ylabel("continuation NLL vs dense (%)")
         ax.set_title(model)
-        ax.legend(fontsize=7, loc="upper left")
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=1)
     fig.tight_layout()
     return fig
 

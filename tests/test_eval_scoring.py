@@ -1,0 +1,91 @@
+"""Scores, relative gaps, bootstrap intervals and the chance-level task filter, on synthetic records."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ffcore.evaluation import scoring as S
+
+
+def _recs(task: str, scores, chance: float = 0.0, category: str = "C", prefix: str = ""):
+    return [{"uid": f"{prefix}{task}{i}", "task": task, "category": category, "score": float(s), "chance": chance}
+            for i, s in enumerate(scores)]
+
+
+def test_bootstrap_ci_contains_estimate_and_shrinks():
+    rng = np.random.default_rng(0)
+    widths = []
+    for n in (10, 100, 1000):
+        x = rng.random(n)
+        lo, hi = S.bootstrap_mean_ci(x, n_boot=2000, seed=1)
+        assert lo <= x.mean() <= hi
+        widths.append(hi - lo)
+    assert widths[0] > widths[1] > widths[2]
+    assert S.bootstrap_mean_ci([1.0, 1.0, 1.0]) == (1.0, 1.0)  # degenerate: zero width
+
+
+def test_task_table_average_and_categories():
+    recs = _recs("a", [1, 0, 1, 0], 0.25, "X") + _recs("b", [1, 1], 0.5, "X") + _recs("c", [0.2, 0.4], 0.0, "Y")
+    rows = {r["task"]: r for r in S.task_table(recs)}
+    assert rows["a"]["score"] == 0.5 and rows["a"]["chance"] == 0.25 and rows["a"]["n"] == 4
+    assert rows["a"]["ci_low"] <= 0.5 <= rows["a"]["ci_high"]
+    assert S.average_score(recs) == pytest.approx((0.5 + 1.0 + 0.3) / 3)  # mean over tasks, not samples
+    assert S.average_score(recs, tasks=["a", "b"]) == pytest.approx(0.75)
+    assert S.category_scores(recs) == pytest.approx({"X": 0.75, "Y": 0.3})
+
+
+def test_paired_gap():
+    rng = np.random.default_rng(0)
+    dense = _recs("a", rng.random(30)) + _recs("b", rng.random(20))
+    same = S.paired_gap(dense, dense)
+    assert same["rel_gap_pct"] == 0.0 and same["rel_gap_ci"] == (0.0, 0.0)  # paired: no shared noise
+    sparse = [dict(r, score=0.9 * r["score"]) for r in dense]
+    gap = S.paired_gap(dense, sparse)
+    assert gap["rel_gap_pct"] == pytest.approx(-10.0)
+    assert gap["rel_gap_ci"][0] == pytest.approx(-10.0) and gap["rel_gap_ci"][1] == pytest.approx(-10.0)
+    noisy = [dict(r, score=r["score"] * 0.9 + rng.normal(0, 0.05)) for r in dense]
+    g = S.paired_gap(dense, noisy)
+    assert g["rel_gap_ci"][0] <= g["rel_gap_pct"] <= g["rel_gap_ci"][1]
+    # only samples present in both configurations are compared
+    partial = S.paired_gap(dense, sparse[:10])
+    assert partial["n_pairs"] == {"a": 10}
+    with pytest.raises(ValueError, match="no task"):
+        S.paired_gap(dense, _recs("z", [1.0]))
+
+
+def test_summarize_table2_style():
+    dense = _recs("a", [1, 1, 0, 0], category="Synthetic") + _recs("b", [0.5, 0.7], category="Code")
+    sparse = _recs("a", [1, 0, 0, 0], category="Synthetic") + _recs("b", [0.5, 0.5], category="Code")
+    rows = {r["config"]: r for r in S.summarize({"dense": dense, "50%": sparse})}
+    assert rows["dense"]["rel_gap_pct"] == 0.0
+    assert rows["dense"]["average"] == pytest.approx(0.55)
+    assert rows["50%"]["average"] == pytest.approx(0.375)
+    assert rows["50%"]["rel_gap_pct"] == pytest.approx((0.375 - 0.55) / 0.55 * 100)
+    assert rows["50%"]["cat:Code"] == 0.5 and rows["50%"]["task:a"] == 0.25
+    assert rows["50%"]["rel_gap_ci_low"] <= rows["50%"]["rel_gap_pct"] <= rows["50%"]["rel_gap_ci_high"]
+    assert rows["50%"]["average_ci_low"] <= 0.375 <= rows["50%"]["average_ci_high"]
+    restricted = S.summarize({"dense": dense, "50%": sparse}, tasks=["b"])
+    assert restricted[1]["average"] == 0.5
+    with pytest.raises(KeyError):
+        S.summarize({"50%": sparse})
+
+
+def test_select_tasks_by_chance_level():
+    recs = (_recs("good", [1, 1, 1, 0], chance=0.25) + _recs("floor", [0, 0, 1, 0], chance=0.2)
+            + _recs("code", [0.5, 0.45], chance=0.3))
+    sel = S.select_tasks(recs, min_margin=0.15)
+    assert sel.kept == ["good", "code"]
+    assert set(sel.dropped) == {"floor"} and "chance" in sel.dropped["floor"]
+    assert {r["task"]: r["kept"] for r in sel.table} == {"good": True, "floor": False, "code": True}
+    strict = S.select_tasks(recs, min_margin=0.3)
+    assert strict.kept == ["good"]
+    with_ci = S.select_tasks(recs, min_margin=0.15, use_ci=True)  # CI low end of 'good' is 0.25: not enough
+    assert "good" not in with_ci.kept
+
+
+def test_continuation_table():
+    def rec(nll, dnll, kl):
+        return {"task": "continuation", "metrics": {"nll": nll, "dense_nll": dnll, "kl": kl, "top1_agree": 1.0,
+                                                    "greedy_agree": 1.0, "greedy_prefix": 1.0, "token_acc": 0.5}}
+    rows = S.continuation_table({"dense": [rec(2.0, 2.0, 0.0)], "sparse": [rec(2.2, 2.0, 0.1)]})
+    assert rows[1]["nll_change_pct"] == pytest.approx(10.0) and rows[1]["kl"] == 0.1
