@@ -1,0 +1,535 @@
+"""The paper's accuracy tables (Tables 2-7) on the local suite: configurations, plans, runs, tables.
+
+Notebooks 05 (Tables 2-3) and 06 (Tables 4-7) stay thin by calling this module:
+
+    S = settings(PROFILE, SEED)
+    comps = load_components("gemma3-270m", PROFILE)            # model + predictor + compensators
+    suite = build_suite(comps.tokenizer, S.suite)
+    results = run_specs(comps, table_specs("table2", S), suite, cache_dir(PROFILE), tasks=kept)
+    rows = accuracy_rows("table2", comps.key, results, kept, S)
+
+A configuration is a `ConfigSpec` (sparsity, schedule, expert policy, compensator, which blocks
+stay dense, whether decode is sparse too); `build_plan` turns it into a `SparsityPlan` with the
+artifacts the earlier notebooks wrote (layer-wise schedules from 02, the predictor from 03, the
+compensators from 04). Every table is "one factor at a time" around the full method
+(`method(s)`: trained predictor + plain compensator + layer-wise schedule + dense first and
+last block), so the 50 % row of Table 2 is the reference row of every ablation and is computed
+once (the result cache is keyed by the plan and by digests of the trained objects).
+
+Where the paper's own ablation rows differ in setup (its Tables 5-6 numbers match its uniform-
+schedule row of Table 4, and its Table 7 keeps only the first block dense), the notebooks say so.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from ffcore.config import StrictConfig
+from ffcore.evaluation.runner import RunConfig, evaluate
+from ffcore.evaluation.scoring import continuation_table, paired_gap, select_tasks, summarize, task_table
+from ffcore.evaluation.suite import SUITE_VERSION, SuiteConfig, suite_config
+from ffcore.plan import SparsityPlan
+from ffcore.profiles import models_for, pick
+from ffcore.results import out_dirs
+
+Records = Sequence[Mapping[str, Any]]
+
+SCHEDULES = ("layerwise", "uniform")
+POLICIES = ("dense", "predictor", "oracle", "first_block_static", "random")
+COMPENSATORS = (None, "plain", "masked")
+DENSE_LABEL = "dense"
+
+TABLES: dict[str, str] = {
+    "table2": "Accuracy vs FFN sparsity (paper Table 2)",
+    "table3": "Sparsity in prefill only vs also in generation (paper Table 3)",
+    "table4": "Layer-wise vs uniform sparsity schedule (paper Table 4)",
+    "table5": "Which blocks stay dense (paper Table 5)",
+    "table6": "Error compensator: without, plain, mask-conditioned (paper Table 6)",
+    "table7": "Expert selection: trained predictor vs per-block oracle vs first-block static (paper Table 7)",
+}
+
+
+# ------------------------------------------------------------------------------ configurations
+@dataclasses.dataclass(frozen=True)
+class ConfigSpec:
+    """One row of an accuracy table: how the sparse model is configured (sparsity 0 = the dense model)."""
+
+    label: str
+    sparsity: float = 0.5
+    schedule: str = "layerwise"
+    policy: str = "predictor"
+    compensator: str | None = "plain"
+    dense_first: bool = True
+    dense_last: bool = True
+    sparse_decode: bool = False
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.sparsity < 1.0:
+            raise ValueError(f"{self.label}: sparsity must be in [0, 1), got {self.sparsity}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"{self.label}: unknown schedule {self.schedule!r}; choose one of {SCHEDULES}")
+        if self.policy not in POLICIES:
+            raise ValueError(f"{self.label}: unknown policy {self.policy!r}; choose one of {POLICIES}")
+        if self.compensator not in COMPENSATORS:
+            raise ValueError(f"{self.label}: unknown compensator {self.compensator!r}; choose one of {COMPENSATORS}")
+
+    @property
+    def dense(self) -> bool:
+        """True for the dense baseline."""
+        return self.sparsity == 0.0
+
+    def describe(self) -> dict[str, Any]:
+        """The spec as flat fields (columns of the result tables)."""
+        if self.dense:
+            return {"config": self.label, "sparsity": 0.0, "schedule": "-", "policy": "dense", "compensator": "-",
+                    "dense_first": "-", "dense_last": "-", "sparse_decode": False}
+        return {"config": self.label, "sparsity": self.sparsity, "schedule": self.schedule, "policy": self.policy,
+                "compensator": self.compensator or "none", "dense_first": self.dense_first,
+                "dense_last": self.dense_last, "sparse_decode": self.sparse_decode}
+
+
+DENSE = ConfigSpec(DENSE_LABEL, sparsity=0.0, policy="dense", compensator=None)
+
+
+def method(sparsity: float, label: str | None = None, **changes: Any) -> ConfigSpec:
+    """The full FastForward configuration at `sparsity` (predictor + compensator + layer-wise + dense first/last)."""
+    return ConfigSpec(label or f"{sparsity:.0%} sparsity", sparsity=sparsity, **changes)
+
+
+def table_specs(table: str, sparsities: Sequence[float] = (0.3, 0.4, 0.5), ablation: float = 0.5) -> list[ConfigSpec]:
+    """The configurations of one table (dense first); ablations vary one factor of `method(ablation)`."""
+    a = ablation
+    specs = {
+        "table2": [method(s) for s in sparsities],
+        "table3": [method(a, f"{a:.0%} prefill only"), method(a, f"{a:.0%} prefill + generation", sparse_decode=True)],
+        "table4": [method(a, f"layer-wise {a:.0%}"), method(a, f"uniform {a:.0%}", schedule="uniform")],
+        "table5": [method(a, "all blocks sparse", dense_first=False, dense_last=False),
+                   method(a, "+ dense first", dense_last=False), method(a, "+ dense first & last")],
+        "table6": [method(a, "no compensator", compensator=None), method(a, "plain compensator"),
+                   method(a, "mask-conditioned compensator", compensator="masked")],
+        "table7": [method(a, "trained predictor"), method(a, "per-block oracle", policy="oracle"),
+                   method(a, "first-block static", policy="first_block_static")],
+    }
+    if table not in specs:
+        raise ValueError(f"unknown table {table!r}; choose one of {sorted(specs)}")
+    return [DENSE, *specs[table]]
+
+
+# ------------------------------------------------------------------------------ settings
+@dataclasses.dataclass
+class AccuracySettings(StrictConfig):
+    """Per-profile sizes and choices of notebooks 05 and 06.
+
+    suite:              the local suite (samples per task, prompt lengths; see `SuiteConfig`).
+    sparsities:         Table 2's sparsity levels (density = 1 - sparsity; 02 wrote schedules for them).
+    ablation_sparsity:  the sparsity of Tables 3-7.
+    min_margin:         keep a task when the dense score is at least chance + this (None: keep every
+                        task; only for the smoke profile, whose tiny random models score at chance).
+    ablation_models:    models of notebook 06 (the stronger model first; both where time allows).
+    n_boot:             bootstrap resamples for confidence intervals.
+    level:              confidence level of the intervals.
+    run:                runner knobs (progress bars, KL top-k).
+    """
+
+    suite: SuiteConfig
+    sparsities: tuple[float, ...] = (0.3, 0.4, 0.5)
+    ablation_sparsity: float = 0.5
+    min_margin: float | None = 0.15
+    ablation_models: tuple[str, ...] = ()
+    n_boot: int = 2000
+    level: float = 0.95
+    run: RunConfig = dataclasses.field(default_factory=RunConfig)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.suite, Mapping):
+            self.suite = SuiteConfig.from_dict(self.suite)
+        if isinstance(self.run, Mapping):
+            self.run = RunConfig.from_dict(self.run)
+        self.sparsities = tuple(float(s) for s in self.sparsities)
+        self.ablation_models = tuple(self.ablation_models)
+        for s in (*self.sparsities, self.ablation_sparsity):
+            if not 0.0 < s < 1.0:
+                raise ValueError(f"sparsities must lie in (0, 1), got {s}")
+        if not 0.0 < self.level < 1.0 or self.n_boot < 100:
+            raise ValueError("level must be in (0, 1) and n_boot >= 100")
+
+
+def settings(profile: str, seed: int = 0, progress: bool = True) -> AccuracySettings:
+    """Notebook 05/06 settings of a profile (the suite of `suite_config(profile)`, seeded)."""
+    models = models_for(profile)
+    return AccuracySettings(
+        suite=suite_config(profile, seed=seed),
+        min_margin=pick(profile, None, 0.15, 0.15),
+        ablation_models=pick(profile, models[:1], ("gemma3-270m",), ("gemma3-270m", "smollm2-135m")),
+        n_boot=pick(profile, 200, 2000, 2000),
+        run=RunConfig(progress=progress),
+    )
+
+
+def cache_dir(profile: str) -> Path:
+    """Where per-sample results are cached: `out_dirs(profile).artifacts/eval_cache` (shared by 05 and 06)."""
+    path = out_dirs(profile).artifacts / "eval_cache"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+# ------------------------------------------------------------------------------ components and plans
+@dataclasses.dataclass
+class Components:
+    """A model with the artifacts earlier notebooks trained for it (predictor, compensators)."""
+
+    key: str
+    model: Any
+    tokenizer: Any
+    profile: str
+    predictor: Any = None
+    compensators: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    @property
+    def n_layers(self) -> int:
+        """Decoder layers of the model."""
+        return int(self.model.config.num_hidden_layers)
+
+
+def load_components(
+    key: str, profile: str, compensators: Sequence[str] = ("plain", "masked"), model: Any = None,
+    tokenizer: Any = None,
+) -> Components:
+    """Load `key` (unless given) with its trained predictor (notebook 03) and compensators (notebook 04)."""
+    from ffcore.models import load_model
+    from ffcore.predictor import load_predictor, predictor_dir
+
+    if model is None:
+        model, tokenizer = load_model(key)
+    elif tokenizer is None:
+        raise ValueError("pass the tokenizer together with the model")
+    pred = load_predictor(predictor_dir(key, profile), model).to(next(model.parameters()).device)
+    comps: dict[str, Any] = {}
+    if compensators:
+        from ffcore.compensator import compensator_dir, load_compensator
+
+        for variant in compensators:
+            comps[variant] = load_compensator(compensator_dir(key, profile, variant), model)
+    return Components(key, model, tokenizer, profile, pred, comps)
+
+
+def build_plan(spec: ConfigSpec, comps: Components, seed: int = 0) -> SparsityPlan | None:
+    """The engine plan of a configuration (None for the dense baseline)."""
+    if spec.dense:
+        return None
+    density = round(1.0 - spec.sparsity, 6)
+    if spec.schedule == "layerwise":
+        from ffcore.schedule import load_schedule
+
+        densities: float | list[float] = load_schedule(comps.model, density, comps.profile)
+    else:
+        densities = density
+    if spec.policy == "predictor":
+        if comps.predictor is None:
+            raise ValueError(f"{spec.label}: needs the trained predictor, but {comps.key} was loaded without one")
+        policy: Any = comps.predictor
+    else:
+        policy = spec.policy
+    comp = None
+    if spec.compensator is not None:
+        if spec.compensator not in comps.compensators:
+            raise ValueError(f"{spec.label}: needs the {spec.compensator!r} compensator (notebook 04), but "
+                             f"{comps.key} was loaded with {sorted(comps.compensators) or 'none'}")
+        comp = comps.compensators[spec.compensator]
+    return SparsityPlan(densities=densities, policy=policy, dense_first=spec.dense_first, dense_last=spec.dense_last,
+                        sparse_decode=spec.sparse_decode, compensator=comp, seed=seed)
+
+
+def object_digest(obj: Any) -> str:
+    """A short digest of a trained object's weights (its own `digest()` if it has one); '' for None or a name."""
+    if obj is None or isinstance(obj, str):
+        return ""
+    own = getattr(obj, "digest", None)
+    if callable(own):
+        return str(own())
+    state = getattr(obj, "state_dict", None)
+    if not callable(state):
+        raise TypeError(f"cannot digest {type(obj).__name__}: give it a digest() method or make it an nn.Module")
+    h = hashlib.sha256()
+    for name, t in sorted(state().items()):
+        h.update(name.encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:12]
+
+
+def plan_tag(plan: SparsityPlan | None) -> str:
+    """Cache tag naming the exact weights of the plan's policy and compensator (`plan.key()` only names them)."""
+    if plan is None:
+        return ""
+    parts = []
+    if d := object_digest(plan.policy):
+        parts.append(f"policy={d}")
+    if d := object_digest(plan.compensator):
+        parts.append(f"compensator={d}")
+    return ";".join(parts)
+
+
+# ------------------------------------------------------------------------------ running
+def subset(dataset: Any, tasks: Sequence[str] | None) -> Any:
+    """The rows of `dataset` whose task is in `tasks` (all rows for None)."""
+    if tasks is None:
+        return dataset
+    keep = set(tasks)
+    idx = [i for i, t in enumerate(dataset["task"]) if t in keep]
+    return dataset.select(idx)
+
+
+def run_specs(
+    comps: Components, specs: Sequence[ConfigSpec], dataset: Any, cache: str | Path | None,
+    tasks: Sequence[str] | None = None, run: RunConfig | None = None, seed: int = 0,
+) -> dict[str, list[dict[str, Any]]]:
+    """Per-sample records of every configuration on `dataset` (restricted to `tasks`), through the cache."""
+    labels = [s.label for s in specs]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"configuration labels must be unique, got {labels}")
+    rows = subset(dataset, tasks)
+    if len(rows) == 0:
+        raise ValueError(f"no suite rows for tasks {list(tasks or [])}")
+    out = {}
+    for spec in specs:
+        plan = build_plan(spec, comps, seed)
+        out[spec.label] = evaluate(comps.model, comps.tokenizer, rows, plan, cache, plan_tag(plan), run)
+    return out
+
+
+def choose_tasks(dense_records: Records, min_margin: float | None, n_boot: int = 2000, seed: int = 0) -> dict[str, Any]:
+    """Task selection (kept tasks, dropped with reasons, per-task dense score vs chance); min_margin None keeps all."""
+    sel = select_tasks(dense_records, min_margin=0.0 if min_margin is None else min_margin, n_boot=n_boot, seed=seed)
+    if min_margin is None:
+        for r in sel.table:
+            r["kept"] = True
+        kept, dropped = [r["task"] for r in sel.table], {}
+    else:
+        kept, dropped = sel.kept, sel.dropped
+    return {"kept": kept, "dropped": dropped, "table": sel.table, "min_margin": min_margin}
+
+
+# ------------------------------------------------------------------------------ tabulating
+def _round(x: Any, digits: int = 5) -> Any:
+    if isinstance(x, float):
+        return x if math.isnan(x) else round(x, digits)
+    return x
+
+
+def accuracy_rows(
+    table: str, model_key: str, specs: Sequence[ConfigSpec], results: Mapping[str, Records], tasks: Sequence[str],
+    n_boot: int = 2000, level: float = 0.95, seed: int = 0,
+) -> list[dict[str, Any]]:
+    """One row per configuration: spec fields, per-category/per-task scores, average and gap to dense with CIs.
+
+    Scores are on a 0-100 scale (like the paper's tables); the gap is relative, in percent.
+    """
+    if table not in TABLES:
+        raise ValueError(f"unknown table {table!r}; choose one of {sorted(TABLES)}")
+    summ = {r["config"]: r for r in summarize(results, dense=DENSE_LABEL, tasks=tasks, n_boot=n_boot, level=level,
+                                              seed=seed)}
+    out = []
+    for spec in specs:
+        s = summ[spec.label]
+        n = sum(1 for r in results[spec.label] if r["task"] in tasks)
+        row: dict[str, Any] = {"table": table, "model": model_key, **spec.describe(), "n_samples": n,
+                               "n_tasks": len(tasks)}
+        for k, v in s.items():
+            if k.startswith(("cat:", "task:")) or k in ("average", "average_ci_low", "average_ci_high"):
+                row[k] = _round(100 * v, 3)
+        for k in ("rel_gap_pct", "rel_gap_ci_low", "rel_gap_ci_high"):
+            row[k] = _round(s[k], 3)
+        out.append(row)
+    return out
+
+
+def task_rows(
+    table: str, model_key: str, results: Mapping[str, Records], tasks: Sequence[str], n_boot: int = 2000,
+    seed: int = 0,
+) -> list[dict[str, Any]]:
+    """Long format: one row per (configuration, task) with score, bootstrap CI and chance level (0-100 scale)."""
+    out = []
+    for label, recs in results.items():
+        for r in task_table([x for x in recs if x["task"] in tasks], n_boot=n_boot, seed=seed):
+            out.append({"table": table, "model": model_key, "config": label, "task": r["task"],
+                        "category": r["category"], "n": r["n"], "score": _round(100 * r["score"], 3),
+                        "ci_low": _round(100 * r["ci_low"], 3), "ci_high": _round(100 * r["ci_high"], 3),
+                        "chance": _round(100 * r["chance"], 4)})
+    return out
+
+
+def continuation_rows(table: str, model_key: str, results: Mapping[str, Records]) -> list[dict[str, Any]]:
+    """The continuation task's distribution metrics per configuration (NLL change, KL, agreement with dense)."""
+    return [{"table": table, "model": model_key, **{k: _round(v) for k, v in r.items()}}
+            for r in continuation_table(results)]
+
+
+def comparisons(
+    table: str, model_key: str, results: Mapping[str, Records], pairs: Sequence[tuple[str, str]],
+    tasks: Sequence[str], n_boot: int = 2000, level: float = 0.95, seed: int = 0,
+) -> list[dict[str, Any]]:
+    """For each (reference, other) pair: other's average relative to reference's, paired bootstrap CI (percent)."""
+    out = []
+    for ref, other in pairs:
+        g = paired_gap(results[ref], results[other], tasks, n_boot, level, seed)
+        lo, hi = g["rel_gap_ci"]
+        out.append({"table": table, "model": model_key, "reference": ref, "other": other,
+                    "reference_avg": _round(100 * g["dense_avg"], 3), "other_avg": _round(100 * g["sparse_avg"], 3),
+                    "rel_change_pct": _round(g["rel_gap_pct"], 3), "ci_low": _round(lo, 3), "ci_high": _round(hi, 3),
+                    "resolved": bool(lo > 0 or hi < 0)})
+    return out
+
+
+# The comparisons each ablation is about: (reference, other) labels, at the ablation sparsity.
+def comparison_pairs(table: str, ablation: float = 0.5) -> list[tuple[str, str]]:
+    """The paper's claims of a table as (reference, other) label pairs."""
+    a = f"{ablation:.0%}"
+    pairs = {
+        "table2": [],
+        "table3": [(f"{a} prefill only", f"{a} prefill + generation")],
+        "table4": [(f"layer-wise {a}", f"uniform {a}")],
+        "table5": [("+ dense first & last", "+ dense first"), ("+ dense first & last", "all blocks sparse"),
+                   ("+ dense first", "all blocks sparse")],
+        "table6": [("plain compensator", "no compensator"), ("plain compensator", "mask-conditioned compensator")],
+        "table7": [("trained predictor", "per-block oracle"), ("trained predictor", "first-block static")],
+    }
+    if table not in pairs:
+        raise ValueError(f"unknown table {table!r}; choose one of {sorted(pairs)}")
+    return pairs[table]
+
+
+def frame(rows: Sequence[Mapping[str, Any]], extra: Sequence[str] = ()) -> Any:
+    """A compact pandas view of `accuracy_rows` output: categories, average [CI], gap [CI] per model and config."""
+    import pandas as pd
+
+    out = []
+    for r in rows:
+        d: dict[str, Any] = {"model": r["model"], "config": r["config"]}
+        d.update({k[4:]: r[k] for k in r if k.startswith("cat:")})
+        d.update({k: r[k] for k in extra})
+        d["average"] = r["average"]
+        d["95% CI"] = f"[{r['average_ci_low']:.1f}, {r['average_ci_high']:.1f}]"
+        d["rel. gap %"] = r["rel_gap_pct"]
+        d["gap 95% CI"] = (f"[{r['rel_gap_ci_low']:+.1f}, {r['rel_gap_ci_high']:+.1f}]"
+                           if not math.isnan(r["rel_gap_ci_low"]) else "n/a")
+        d["n"] = r["n_samples"]
+        out.append(d)
+    return pd.DataFrame(out).set_index(["model", "config"])
+
+
+# ------------------------------------------------------------------------------ verdicts (computed text)
+def _fmt_ci(lo: float, hi: float) -> str:
+    return "n/a" if math.isnan(lo) or math.isnan(hi) else f"[{lo:+.1f}, {hi:+.1f}]"
+
+
+def gap_verdict(rows: Sequence[Mapping[str, Any]], sparsity: float = 0.5, target_pct: float = 3.0) -> str:
+    """Markdown: per model, the relative gap at `sparsity` with its CI, against the target (computed from rows)."""
+    lines = []
+    dense = {r["model"]: r["average"] for r in rows if r["config"] == DENSE_LABEL}
+    for r in rows:
+        if r["config"] == DENSE_LABEL or abs(r["sparsity"] - sparsity) > 1e-9 or r.get("sparse_decode"):
+            continue
+        gap, lo, hi = r["rel_gap_pct"], r["rel_gap_ci_low"], r["rel_gap_ci_high"]
+        if math.isnan(gap):
+            lines.append(f"- **{r['model']}** at {sparsity:.0%}: the dense average is 0, no relative gap.")
+            continue
+        within = gap >= -target_pct
+        sure = "" if math.isnan(lo) else (
+            " (the whole interval is inside the target)" if lo >= -target_pct else
+            " (the interval reaches beyond the target)" if within else
+            " (the interval still reaches the target)" if hi >= -target_pct else " (the whole interval is beyond it)")
+        lines.append(
+            f"- **{r['model']}** at {sparsity:.0%} sparsity: average {r['average']:.1f} vs dense "
+            f"{dense.get(r['model'], float('nan')):.1f}; relative gap "
+            f"**{gap:+.2f} %** (95 % CI {_fmt_ci(lo, hi)}, {r['n_samples']} samples over {r['n_tasks']} tasks): "
+            + ("within" if within else "**outside**") + f" our {target_pct:.0f} % target{sure}."
+        )
+    return "\n".join(lines)
+
+
+def comparison_verdict(comp_rows: Sequence[Mapping[str, Any]]) -> str:
+    """Markdown: one line per comparison, saying whether its paired CI excludes zero (computed from rows)."""
+    lines = []
+    for c in comp_rows:
+        d = c["rel_change_pct"]
+        if isinstance(d, float) and math.isnan(d):
+            lines.append(f"- {c['model']}: *{c['other']}* vs *{c['reference']}*: reference average is 0, no ratio.")
+            continue
+        word = "better" if d > 0 else "worse" if d < 0 else "equal"
+        res = ("the paired 95 % CI excludes 0" if c["resolved"] else
+               "the paired 95 % CI includes 0: not resolved at this sample size")
+        lines.append(f"- **{c['model']}**: *{c['other']}* scores {c['other_avg']:.1f} vs {c['reference_avg']:.1f} for "
+                     f"*{c['reference']}* ({d:+.2f} % relative, {word}; CI {_fmt_ci(c['ci_low'], c['ci_high'])}; {res}).")
+    return "\n".join(lines)
+
+
+def suite_description(cfg: SuiteConfig) -> dict[str, Any]:
+    """The suite settings recorded with every table (so 06 can check it evaluates 05's suite)."""
+    return {"suite_version": SUITE_VERSION, **cfg.to_dict()}
+
+
+# ------------------------------------------------------------------------------ whole tables
+def selection_rows(selection: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Per model and task: dense score and CI, chance, margin (0-100 scale) and whether the task is kept."""
+    out = []
+    for model_key, sel in selection.items():
+        for r in sel["table"]:
+            out.append({"model": model_key, "task": r["task"], "category": r["category"], "n": r["n"],
+                        **{k: _round(100 * r[k], 3) for k in ("score", "ci_low", "ci_high", "margin")},
+                        "chance": _round(100 * r["chance"], 4), "kept": bool(r["kept"]),
+                        "reason": sel["dropped"].get(r["task"], "")})
+    return out
+
+
+@dataclasses.dataclass
+class TableResult:
+    """Everything one accuracy table produced, for all its models."""
+
+    table: str
+    rows: list[dict[str, Any]]  # accuracy_rows: one per (model, configuration)
+    tasks: list[dict[str, Any]]  # task_rows: one per (model, configuration, task)
+    continuation: list[dict[str, Any]]  # continuation_rows (models whose kept tasks include continuation)
+    comparisons: list[dict[str, Any]]  # comparisons of comparison_pairs(table)
+    seconds: dict[str, float]  # wall time per model (cache hits make reruns fast)
+
+
+def run_table(
+    table: str, components: Mapping[str, Components], suites: Mapping[str, Any], kept: Mapping[str, Sequence[str]],
+    cfg: AccuracySettings, cache: str | Path | None, seed: int = 0,
+) -> TableResult:
+    """Run one table's configurations for every model (on that model's kept tasks) and tabulate them."""
+    import time
+
+    specs = table_specs(table, cfg.sparsities, cfg.ablation_sparsity)
+    pairs = comparison_pairs(table, cfg.ablation_sparsity)
+    res = TableResult(table, [], [], [], [], {})
+    for key, comps in components.items():
+        tasks = list(kept[key])
+        if not tasks:
+            raise ValueError(f"{key}: no task is kept (the dense model is near chance on all of them)")
+        t0 = time.time()
+        results = run_specs(comps, specs, suites[key], cache, tasks, cfg.run, seed)
+        res.seconds[key] = round(time.time() - t0, 1)
+        res.rows += accuracy_rows(table, key, specs, results, tasks, cfg.n_boot, cfg.level, seed)
+        res.tasks += task_rows(table, key, results, tasks, cfg.n_boot, seed)
+        res.continuation += continuation_rows(table, key, results)
+        res.comparisons += comparisons(table, key, results, pairs, tasks, cfg.n_boot, cfg.level, seed)
+    return res
+
+
+def load_selection(profile: str, cfg: AccuracySettings, name: str = "05_accuracy") -> dict[str, list[str]]:
+    """Notebook 05's kept tasks per model, refusing them if 05 ran on a different suite."""
+    import json
+
+    from ffcore.results import read_json
+
+    doc = read_json(name, profile)
+    mine = json.loads(json.dumps(suite_description(cfg.suite)))
+    if doc.get("suite") != mine:
+        diff = sorted(k for k in set(mine) | set(doc.get("suite", {})) if mine.get(k) != doc.get("suite", {}).get(k))
+        raise ValueError(f"notebook 05 ran on a different suite (differs in {diff}); re-run notebook 05 first")
+    return {k: list(v) for k, v in doc["kept_tasks"].items()}

@@ -1,0 +1,87 @@
+"""Figures of notebooks 05 and 06: one bar chart per accuracy table, and dense scores vs chance per task."""
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping, Sequence
+
+import matplotlib.pyplot as plt
+import numpy as np
+
+from ffcore.plots import PALETTE
+
+DENSE_COLOR = "#7f7f7f"
+
+
+def _models(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    return list(dict.fromkeys(r["model"] for r in rows))
+
+
+def table_chart(rows: Sequence[Mapping[str, Any]], title: str, dense_label: str = "dense") -> "plt.Figure":
+    """Average score (0-100) with its 95 % bootstrap CI per configuration, one panel per model.
+
+    The dense baseline is a grey bar and a dashed line; every other bar is annotated with its
+    relative gap to dense in percent. `rows` are `ffcore.evaluation.tables.accuracy_rows` output.
+    """
+    models = _models(rows)
+    if not models:
+        raise ValueError("no rows to plot")
+    n_cfg = max(sum(r["model"] == m for r in rows) for m in models)
+    fig, axes = plt.subplots(1, len(models), figsize=(max(4.5, 1.25 * n_cfg + 1.5) * len(models), 4.2), squeeze=False)
+    for ax, model in zip(axes[0], models):
+        mrows = [r for r in rows if r["model"] == model]
+        x = np.arange(len(mrows))
+        avg = np.array([r["average"] for r in mrows], dtype=float)
+        lo = np.array([r["average_ci_low"] for r in mrows], dtype=float)
+        hi = np.array([r["average_ci_high"] for r in mrows], dtype=float)
+        colors = [DENSE_COLOR if r["config"] == dense_label else PALETTE[i % len(PALETTE)] for i, r in enumerate(mrows)]
+        ax.bar(x, avg, color=colors, alpha=0.85, width=0.7)
+        ax.errorbar(x, avg, yerr=[np.clip(avg - lo, 0, None), np.clip(hi - avg, 0, None)], fmt="none",
+                    ecolor="black", capsize=4, lw=1.2)
+        dense = [r for r in mrows if r["config"] == dense_label]
+        if dense:
+            ax.axhline(dense[0]["average"], color=DENSE_COLOR, ls="--", lw=1)
+        for xi, r in zip(x, mrows):
+            if r["config"] == dense_label or math.isnan(r["rel_gap_pct"]):
+                continue
+            ax.annotate(f"{r['rel_gap_pct']:+.1f}%", (xi, r["average_ci_high"]), xytext=(0, 3),
+                        textcoords="offset points", ha="center", va="bottom", fontsize=8)
+        ax.set_xticks(x, [r["config"] for r in mrows], rotation=25, ha="right")
+        top = np.nanmax(np.concatenate([hi, avg])) if len(hi) else 1.0
+        ax.set_ylim(0, max(1.0, top) * 1.15)
+        n = mrows[0].get("n_samples", "?")
+        ax.set_title(f"{model} ({mrows[0].get('n_tasks', '?')} tasks, {n} samples)", fontsize=10)
+        ax.set_ylabel("average score (0-100), 95 % CI")
+    fig.suptitle(title, fontsize=11, fontweight="bold")
+    fig.tight_layout()
+    return fig
+
+
+def selection_chart(table: Sequence[Mapping[str, Any]]) -> "plt.Figure":
+    """Dense score per task (0-100, 95 % CI) beside the chance level; kept tasks solid, dropped ones hatched.
+
+    `table` rows: model, task, score, ci_low, ci_high, chance, kept (all on a 0-100 scale).
+    """
+    models = _models(table)
+    if not models:
+        raise ValueError("no rows to plot")
+    fig, axes = plt.subplots(1, len(models), figsize=(5.2 * len(models), 3.8), squeeze=False)
+    for ax, model in zip(axes[0], models):
+        rows = [r for r in table if r["model"] == model]
+        x = np.arange(len(rows))
+        s = np.array([r["score"] for r in rows], dtype=float)
+        err = [np.clip(s - [r["ci_low"] for r in rows], 0, None), np.clip(np.array([r["ci_high"] for r in rows]) - s, 0, None)]
+        bars = ax.bar(x - 0.18, s, width=0.36, color=PALETTE[0], label="dense score")
+        for b, r in zip(bars, rows):
+            if not r["kept"]:
+                b.set_hatch("//")
+                b.set_alpha(0.45)
+        ax.errorbar(x - 0.18, s, yerr=err, fmt="none", ecolor="black", capsize=3, lw=1)
+        ax.bar(x + 0.18, [r["chance"] for r in rows], width=0.36, color=DENSE_COLOR, label="chance level")
+        ax.set_xticks(x, [r["task"] + ("" if r["kept"] else "\n(dropped)") for r in rows], rotation=20, ha="right")
+        ax.set_ylim(0, 105)
+        ax.set_title(model, fontsize=10)
+        ax.set_ylabel("score (0-100)")
+        ax.legend(fontsize=8, loc="upper right")
+    fig.suptitle("Dense model vs chance: which tasks measure anything", fontsize=11, fontweight="bold")
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,180 @@
+"""Regenerate the README's results section from `results/*.json`: `python -m ffcore.readme_results`.
+
+The block between `<!-- results:start -->` and `<!-- results:end -->` in README.md is replaced
+by Markdown tables rendered from the JSON tables the notebooks wrote (`ffcore.results.write_table`
+files, `{"provenance": ..., "rows": [...]}`). Every number in the block is copied from a file
+(only rounded for display); a table whose file is missing is listed as not generated yet, never
+filled in. `--check` exits 1 when the README is out of date (for CI), without writing.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+START = "<!-- results:start -->"
+END = "<!-- results:end -->"
+
+Row = Mapping[str, Any]
+
+
+def _num(x: Any, digits: int = 1, signed: bool = False) -> str:
+    """A number from a result file, rounded for display ('n/a' for missing/NaN)."""
+    if x is None or isinstance(x, bool) or not isinstance(x, (int, float)) or math.isnan(float(x)):
+        return "n/a"
+    return f"{float(x):+.{digits}f}" if signed else f"{float(x):.{digits}f}"
+
+
+def _ci(lo: Any, hi: Any, digits: int = 1, signed: bool = False) -> str:
+    a, b = _num(lo, digits, signed), _num(hi, digits, signed)
+    return "n/a" if "n/a" in (a, b) else f"[{a}, {b}]"
+
+
+def _md_table(header: Sequence[str], body: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in body]
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------ renderers
+def accuracy_table(rows: Sequence[Row]) -> str:
+    """An accuracy table (notebooks 05/06): model, configuration, average [CI], relative gap to dense [CI], n."""
+    body = []
+    for r in rows:
+        gap = "0 (reference)" if r.get("config") == "dense" else (
+            f"{_num(r.get('rel_gap_pct'), 2, True)} {_ci(r.get('rel_gap_ci_low'), r.get('rel_gap_ci_high'), 1, True)}")
+        body.append([r.get("model", "?"), r.get("config", "?"),
+                     f"{_num(r.get('average'))} {_ci(r.get('average_ci_low'), r.get('average_ci_high'))}",
+                     gap, str(r.get("n_samples", "?"))])
+    return _md_table(["model", "configuration", "average (0-100) [95 % CI]", "rel. gap to dense, % [95 % CI]",
+                      "samples"], body)
+
+
+def selection_table(rows: Sequence[Row]) -> str:
+    """Task selection (notebook 05): the dense score of every task beside its chance level."""
+    body = [[r.get("model", "?"), r.get("task", "?"), f"{_num(r.get('score'))} {_ci(r.get('ci_low'), r.get('ci_high'))}",
+             _num(r.get("chance"), 2), str(r.get("n", "?")), "yes" if r.get("kept") else "no (near chance)"]
+            for r in rows]
+    return _md_table(["model", "task", "dense score [95 % CI]", "chance", "samples", "kept"], body)
+
+
+def comparison_table(rows: Sequence[Row]) -> str:
+    """Paired comparisons of the ablations (notebook 06): other vs reference, relative change [CI]."""
+    body = [[r.get("model", "?"), f"{r.get('other', '?')} vs {r.get('reference', '?')}",
+             f"{_num(r.get('other_avg'))} vs {_num(r.get('reference_avg'))}",
+             f"{_num(r.get('rel_change_pct'), 2, True)} {_ci(r.get('ci_low'), r.get('ci_high'), 1, True)}",
+             "yes" if r.get("resolved") else "no"] for r in rows]
+    return _md_table(["model", "comparison", "averages", "rel. change, % [95 % CI]", "CI excludes 0"], body)
+
+
+def predictor_table(rows: Sequence[Row]) -> str:
+    """Notebook 03's layer-mean selection quality at 50 % density: recall and captured oracle mass per policy."""
+    body = [[r.get("model", "?"), r.get("policy", "?"), _num(r.get("recall"), 3), _num(r.get("mass"), 3)]
+            for r in rows if isinstance(r.get("density"), (int, float)) and abs(r["density"] - 0.5) < 1e-9]
+    return _md_table(["model", "expert selection", "recall of oracle top-K", "captured oracle mass"], body)
+
+
+@dataclasses.dataclass(frozen=True)
+class Section:
+    """One table of the results block: its result file, heading, renderer and the notebook that writes it."""
+
+    name: str
+    title: str
+    render: Callable[[Sequence[Row]], str]
+    notebook: str
+
+
+SECTIONS: tuple[Section, ...] = (
+    Section("03_predictor_comparison", "Expert predictor vs baselines, held-out blocks at 50 % density (paper Table 7, offline)",
+            predictor_table, "03_predictor_training"),
+    Section("05_task_selection", "Local suite: dense score vs chance per task", selection_table, "05_accuracy"),
+    Section("05_table2", "Accuracy vs FFN sparsity (paper Table 2)", accuracy_table, "05_accuracy"),
+    Section("05_table3", "Sparsity in prefill only vs also in generation (paper Table 3)", accuracy_table, "05_accuracy"),
+    Section("06_table4", "Layer-wise vs uniform schedule (paper Table 4)", accuracy_table, "06_ablations"),
+    Section("06_table5", "Which blocks stay dense (paper Table 5)", accuracy_table, "06_ablations"),
+    Section("06_table6", "Error compensator (paper Table 6)", accuracy_table, "06_ablations"),
+    Section("06_table7", "Expert selection (paper Table 7)", accuracy_table, "06_ablations"),
+    Section("06_comparisons", "Ablations: paired comparisons", comparison_table, "06_ablations"),
+)
+
+
+def _load(path: Path) -> dict[str, Any]:
+    doc = json.loads(path.read_text())
+    if not isinstance(doc, dict) or not isinstance(doc.get("rows"), list):
+        raise ValueError(f"{path} is not a table written by ffcore.results.write_table (no 'rows' list)")
+    return doc
+
+
+def _provenance(doc: Mapping[str, Any]) -> str:
+    p = doc.get("provenance", {})
+    return (f"profile `{p.get('profile', '?')}`, commit `{p.get('git_commit', '?')}`, {p.get('device', '?')}, "
+            f"{p.get('created_utc', '?')}")
+
+
+def render(results_dir: Path | str, sections: Sequence[Section] = SECTIONS) -> str:
+    """The Markdown of the results block (without the markers) from the JSON tables in `results_dir`."""
+    results_dir = Path(results_dir)
+    parts = [
+        "<!-- generated by `python -m ffcore.readme_results` from results/*.json; do not edit by hand -->",
+        "Scores are on a 0-100 scale; intervals are 95 % percentile bootstraps over samples (paired for gaps "
+        "and comparisons). Our samples per task are few, so the intervals are wide: read a difference whose "
+        "interval includes 0 as *not resolved*, not as a tie.",
+    ]
+    missing = []
+    for sec in sections:
+        path = results_dir / f"{sec.name}.json"
+        if not path.exists():
+            missing.append(f"`{sec.name}` (notebook `{sec.notebook}`)")
+            continue
+        doc = _load(path)
+        parts.append(f"### {sec.title}\n\n{sec.render(doc['rows'])}\n\n<sub>`results/{sec.name}.json`: "
+                     f"{_provenance(doc)}</sub>")
+    if missing:
+        parts.append("Not generated yet: " + ", ".join(missing) + ".")
+    return "\n\n".join(parts)
+
+
+def replace_block(text: str, block: str) -> str:
+    """`text` with the content between the results markers replaced by `block`."""
+    if text.count(START) != 1 or text.count(END) != 1 or text.index(START) > text.index(END):
+        raise ValueError(f"README must contain exactly one {START} followed by one {END}")
+    head, rest = text.split(START, 1)
+    _, tail = rest.split(END, 1)
+    return f"{head}{START}\n{block}\n{END}{tail}"
+
+
+def update_readme(readme: Path | str, results_dir: Path | str, check: bool = False) -> bool:
+    """Rewrite the results block of `readme` from `results_dir`; return True if it changed (check: do not write)."""
+    readme = Path(readme)
+    text = readme.read_text()
+    new = replace_block(text, render(results_dir))
+    if new != text and not check:
+        readme.write_text(new)
+    return new != text
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI: rewrite README.md's results block (exit 1 with --check when it is out of date)."""
+    p = argparse.ArgumentParser(prog="python -m ffcore.readme_results", description=__doc__.split("\n\n")[0])
+    p.add_argument("--results", type=Path, default=Path("results"), help="folder of result JSON files")
+    p.add_argument("--readme", type=Path, default=Path("README.md"), help="README to update")
+    p.add_argument("--check", action="store_true", help="only report whether the README is out of date")
+    args = p.parse_args(argv)
+    try:
+        changed = update_readme(args.readme, args.results, check=args.check)
+    except (OSError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.check:
+        print(f"{args.readme}: results block is {'OUT OF DATE' if changed else 'up to date'}")
+        return int(changed)
+    print(f"{args.readme}: results block {'updated' if changed else 'unchanged'} from {args.results}/")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,107 @@
+"""The README results block is generated from result files, never typed: rendering, replacement, CLI."""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from ffcore import readme_results as RR
+
+README = """# Title
+
+Intro text that must survive.
+
+## Results
+
+<!-- results:start -->
+old generated text 99.9
+<!-- results:end -->
+
+## Later section
+"""
+
+
+def _write(folder: Path, name: str, rows: list[dict]) -> None:
+    doc = {"provenance": {"profile": "full", "git_commit": "abc1234", "device": "CPU: test (2 cores)",
+                          "created_utc": "2025-01-01T00:00:00+00:00"}, "rows": rows}
+    (folder / f"{name}.json").write_text(json.dumps(doc))
+
+
+def _acc(model: str, config: str, avg: float, gap: float, lo: float, hi: float) -> dict:
+    return {"table": "table2", "model": model, "config": config, "average": avg, "average_ci_low": avg - 4.25,
+            "average_ci_high": avg + 3.75, "rel_gap_pct": gap, "rel_gap_ci_low": lo, "rel_gap_ci_high": hi,
+            "n_samples": 48}
+
+
+@pytest.fixture()
+def results(tmp_path: Path) -> Path:
+    folder = tmp_path / "results"
+    folder.mkdir()
+    _write(folder, "05_table2", [_acc("gemma3-270m", "dense", 61.37, 0.0, 0.0, 0.0),
+                                 _acc("gemma3-270m", "50% sparsity", 58.91, -4.0086, -7.53, -1.12)])
+    _write(folder, "05_task_selection", [{"model": "gemma3-270m", "task": "passkey", "score": 87.5, "ci_low": 62.5,
+                                          "ci_high": 100.0, "chance": 0.0011, "n": 8, "kept": True},
+                                         {"model": "gemma3-270m", "task": "classification", "score": 12.5,
+                                          "ci_low": 0.0, "ci_high": 37.5, "chance": 20.0, "n": 8, "kept": False}])
+    _write(folder, "06_comparisons", [{"model": "gemma3-270m", "reference": "layer-wise 50%", "other": "uniform 50%",
+                                       "reference_avg": 58.91, "other_avg": 57.2, "rel_change_pct": -2.9,
+                                       "ci_low": -6.1, "ci_high": 0.4, "resolved": False}])
+    return folder
+
+
+def _numbers(text: str) -> set[float]:
+    return {float(x) for x in re.findall(r"[-+]?\d+\.\d+", text)}
+
+
+def test_render_copies_numbers_from_files(results: Path):
+    text = RR.render(results)
+    assert "58.9 [54.7, 62.7]" in text and "-4.01 [-7.5, -1.1]" in text and "0 (reference)" in text
+    assert "87.5 [62.5, 100.0]" in text and "no (near chance)" in text
+    assert "uniform 50% vs layer-wise 50%" in text and "| no |" in text
+    assert "profile `full`, commit `abc1234`" in text
+    # missing tables are listed, not filled in
+    assert "Not generated yet" in text and "`06_table4` (notebook `06_ablations`)" in text
+    # every decimal number shown comes from a file (rounded): nothing invented
+    source = set()
+    for p in results.glob("*.json"):
+        for row in json.loads(p.read_text())["rows"]:
+            source |= {float(v) for v in row.values() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    shown = _numbers(text)
+    assert shown
+    for x in shown:
+        assert any(abs(x - s) <= 0.051 for s in source) or any(abs(x - round(s, 2)) < 1e-9 for s in source), x
+
+
+def test_update_replaces_only_the_block(results: Path, tmp_path: Path):
+    readme = tmp_path / "README.md"
+    readme.write_text(README)
+    assert RR.update_readme(readme, results) is True
+    new = readme.read_text()
+    assert new.startswith("# Title\n\nIntro text that must survive.\n") and new.endswith("## Later section\n")
+    assert "old generated text" not in new and new.count(RR.START) == 1 and new.count(RR.END) == 1
+    assert RR.update_readme(readme, results) is False  # idempotent
+    assert RR.main(["--results", str(results), "--readme", str(readme), "--check"]) == 0
+    _write(results, "06_table4", [_acc("gemma3-270m", "uniform 50%", 57.2, -6.8, -9.0, -4.0)])
+    assert RR.main(["--results", str(results), "--readme", str(readme), "--check"]) == 1
+    assert readme.read_text() == new  # --check never writes
+    assert RR.main(["--results", str(results), "--readme", str(readme)]) == 0
+    assert "57.2" in readme.read_text()
+
+
+def test_bad_inputs(results: Path, tmp_path: Path):
+    readme = tmp_path / "README.md"
+    readme.write_text("# no markers\n")
+    assert RR.main(["--results", str(results), "--readme", str(readme)]) == 2
+    with pytest.raises(ValueError, match="exactly one"):
+        RR.replace_block(README + RR.START, "x")
+    (results / "05_table3.json").write_text(json.dumps({"provenance": {}}))
+    with pytest.raises(ValueError, match="rows"):
+        RR.render(results)
+    assert RR._num(float("nan")) == "n/a" and RR._ci(None, 1.0) == "n/a"
+
+
+def test_repository_readme_has_the_markers():
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert text.count(RR.START) == 1 and text.count(RR.END) == 1
