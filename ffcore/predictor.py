@@ -634,3 +634,14 @@ def verdict(table: Sequence[dict[str, Any]], density: float = 0.5) -> str:
             + ("**beats** first-block static." if beats else "does **not** beat first-block static.")
         )
     return "\n".join(lines)
+
+
+def nll_verdict(nll_rows: Sequence[dict[str, Any]]) -> str:
+    """A Markdown line per model ranking the policies by continuation-NLL change, computed from `sanity_nll` rows."""
+    lines = []
+    for model_key in dict.fromkeys(r["model"] for r in nll_rows):
+        rs = sorted((r for r in nll_rows if r["model"] == model_key and r["policy"] != "dense"),
+                    key=lambda r: r["rel_change_pct"])
+        ranking = ", ".join(f"{r['policy']} {r['rel_change_pct']:+.2f} %" for r in rs)
+        lines.append(f"- **{model_key}** (NLL change vs dense, best first): {ranking}.")
+    return "\n".join(lines)

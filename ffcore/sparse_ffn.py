@@ -8,7 +8,9 @@ row gathers and two dense matmuls of size K instead of f.
 from __future__ import annotations
 
 import dataclasses
+import threading
 import weakref
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Sequence
 
 import torch
@@ -201,7 +203,9 @@ def block_sparse_ffn(
     backend: 'torch' (the CPU fast path), 'triton' (ffcore.kernels: all sparse blocks of the
     layer in two launches), or 'auto' (Triton on CUDA, torch elsewhere). With the torch path,
     `group` > 1 runs that many full-size sparse blocks per batched matmul; 1 loops per block
-    (faster on CPU, where a block's gathered weights stay in cache).
+    (faster on CPU, where a block's gathered weights stay in cache). On a multi-core CPU the
+    blocks are spread over `torch.get_num_threads()` workers, each running single-threaded
+    BLAS (see `block_workers`): a 128-row GEMM splits poorly across cores, whole blocks do not.
     """
     out = torch.empty_like(x)
     for s, e in dense_spans:
@@ -214,8 +218,11 @@ def block_sparse_ffn(
             starts = torch.tensor([s for s, _ in sparse_spans], dtype=torch.int32, device=x.device)
             width = max(e - s for s, e in sparse_spans)  # the block size (a lone partial block: its length)
             return triton_block_sparse_ffn(x, fused.w_gu, fused.w_down_t, starts, idx, width, fused.act_name, out=out)
+        workers = block_workers(x, len(sparse_spans))
         if group > 1:
             _sparse_grouped(x, fused, sparse_spans, idx, group, out)
+        elif workers > 1:
+            _sparse_parallel(x, fused, sparse_spans, idx, out, workers)
         else:
             write_in_place = not x.requires_grad  # mm(out=) does not support autograd
             for j, (s, e) in enumerate(sparse_spans):
@@ -241,3 +248,46 @@ def _sparse_grouped(x: Tensor, fused: FusedFFN, spans: Sequence[tuple[int, int]]
     for j, (s, e) in enumerate(spans):
         if j not in full:
             out[s:e] = sparse_block_forward(x[s:e], fused, idx[j])
+
+
+# ----------------------------------------------------------------------------- CPU block parallelism
+BLOCK_PARALLEL = True  # module switch: spread a layer's sparse blocks over CPU threads
+_POOLS: dict[int, "ThreadPoolExecutor"] = {}
+_POOL_LOCK = threading.Lock()
+
+
+def block_workers(x: Tensor, n_blocks: int) -> int:
+    """How many threads run a layer's sparse blocks: 1 unless CPU, no autograd, >= 2 blocks and >= 2 torch threads."""
+    if not BLOCK_PARALLEL or x.device.type != "cpu" or x.requires_grad:
+        return 1
+    if threading.current_thread() is not threading.main_thread():
+        return 1  # nested use from a worker (or a user's thread): stay sequential
+    return max(1, min(torch.get_num_threads(), n_blocks))
+
+
+def _pool(workers: int) -> "ThreadPoolExecutor":
+    with _POOL_LOCK:
+        if workers not in _POOLS:
+            _POOLS[workers] = ThreadPoolExecutor(workers, thread_name_prefix="ffcore-block")
+        return _POOLS[workers]
+
+
+def _sparse_parallel(x: Tensor, fused: FusedFFN, spans: Sequence[tuple[int, int]], idx: Tensor, out: Tensor,
+                     workers: int) -> None:
+    """Blocks round-robin over `workers` threads, single-threaded BLAS each; rows written are disjoint.
+
+    torch's thread count is process-wide: it is set to 1 for the duration and restored after,
+    also on errors (torch releases the GIL inside each op, so the workers run in parallel).
+    """
+    def work(js: range) -> None:
+        torch.set_num_threads(1)
+        for j in js:
+            s, e = spans[j]
+            sparse_block_forward(x[s:e], fused, idx[j], out=out[s:e])
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        list(_pool(workers).map(work, [range(w, len(spans), workers) for w in range(workers)]))
+    finally:
+        torch.set_num_threads(threads)

@@ -220,3 +220,29 @@ def test_policies_share_one_interface(model):
     assert all(torch.equal(fbs[0], r) for r in fbs)
     first = OraclePolicy().select(SelectContext(0, x, [(0, 64)], 17, fused, 64))
     assert torch.equal(fbs[0], first[0])
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+def test_block_parallel_cpu_path_matches_sequential(threads):
+    import ffcore.sparse_ffn as sf
+    from ffcore.bench import random_experts, synthetic_mlp
+
+    mlp = synthetic_mlp(64, 96)
+    fused = fused_ffn(mlp)
+    x = torch.randn(7 * 32 + 5, 64)  # 8 blocks of 32, the last partial
+    dense, sparse = split_dense_sparse(x.shape[0], 32, True, True)
+    idx = random_experts(len(sparse), 96, 40, seed=1)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.no_grad():
+            assert sf.block_workers(x, len(sparse)) == min(threads, len(sparse))
+            par = sf.block_sparse_ffn(x, fused, dense, sparse, idx, mlp)
+            assert torch.get_num_threads() == threads  # restored after the workers ran
+            sf.BLOCK_PARALLEL = False
+            seq = sf.block_sparse_ffn(x, fused, dense, sparse, idx, mlp)
+    finally:
+        sf.BLOCK_PARALLEL = True
+        torch.set_num_threads(before)
+    torch.testing.assert_close(par, seq, rtol=1e-5, atol=1e-6)
+    assert sf.block_workers(x.requires_grad_(), len(sparse)) == 1  # autograd stays sequential

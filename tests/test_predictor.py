@@ -186,3 +186,12 @@ def test_flop_share():
     assert out["predictor_flops"] == 4 * 128 * 576 + 2 * 576 * 64 + 2 * 64 * 1536
     assert out["share"] == pytest.approx(out["predictor_flops"] / (6 * 128 * 576 * 1536))
     assert out["share"] < 0.01
+
+
+def test_nll_verdict_ranks_policies_by_change():
+    from ffcore.predictor import nll_verdict
+
+    rows = [{"model": "m", "policy": "dense", "rel_change_pct": 0.0},
+            {"model": "m", "policy": "oracle", "rel_change_pct": 2.0},
+            {"model": "m", "policy": "predictor", "rel_change_pct": 1.0}]
+    assert nll_verdict(rows) == "- **m** (NLL change vs dense, best first): predictor +1.00 %, oracle +2.00 %."
