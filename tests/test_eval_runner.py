@@ -102,7 +102,9 @@ def test_evaluate_dense_sparse_and_incremental_cache(tiny, suite, tmp_path, monk
     again = R.evaluate(model, tok, suite, plan, tmp_path, config=QUIET)
     assert calls == [] and [r["score"] for r in again] == [r["score"] for r in sparse]
     # a lost line (interrupted run) is recomputed, nothing else
-    path = tmp_path / f"{R.config_key(model_fingerprint(model), plan, 'ffcore-local/1', 0)}.jsonl"
+    from ffcore.evaluation.suite import SUITE_VERSION
+
+    path = tmp_path / f"{R.config_key(model_fingerprint(model), plan, f'ffcore-local/{SUITE_VERSION}', 0)}.jsonl"
     lines = path.read_text().splitlines()
     path.write_text("\n".join(lines[:-1]) + "\n" + lines[-1][:20] + "\n")
     R.evaluate(model, tok, suite, plan, tmp_path, config=QUIET)

@@ -46,7 +46,8 @@ def test_tasks_are_well_formed(suite, tok):
             assert ans in r["all_classes"] and prompt.endswith("Package:")
             assert r["chance"] == pytest.approx(1 / len(r["all_classes"]))
         elif r["task"] == "code_completion":
-            assert prompt.endswith("\n") and ans == ans.strip() and len(ans) >= CFG.code_min_chars
+            assert prompt.rstrip(" ").endswith("\n") and ans == ans.strip() and len(ans) >= CFG.code_min_chars
+            assert len(r["prompt_ids"]) <= json.loads(r["meta"])["budget"]
             assert 0.0 < r["chance"] < 1.0  # mean edit similarity of other lines of the file
         elif r["task"] == "continuation":
             assert r["kind"] == "continuation" and len(r["target_ids"]) == CFG.continuation_tokens
@@ -82,8 +83,9 @@ def test_overview(suite):
 def test_profile_configs():
     from ffcore.evaluation.suite import suite_config
 
-    assert suite_config("quick").n_per_task == 8 and suite_config("quick").context_tokens == (1024, 2048)
-    assert max(suite_config("full").context_tokens) == 4096
+    assert suite_config("quick").n_per_task < suite_config("full").n_per_task
+    assert min(suite_config("full").context_tokens) >= 1024
+    assert suite_config("full", context_tokens=(2048, 4096)).context_tokens == (2048, 4096)
     assert suite_config("smoke", seed=3).seed == 3
     with pytest.raises(ValueError):
         suite_config("huge")
@@ -112,3 +114,29 @@ def test_public_names_resolve():
         assert getattr(E, name) is not None
     with pytest.raises(AttributeError):
         E.no_such_name  # noqa: B018
+
+
+class _MergingTokenizer:
+    """GPT-2-style toy: a newline merges with the following spaces except the last one."""
+
+    import re as _re
+    PATTERN = _re.compile(r"\n +(?= )|\n +$|\n| ?[A-Za-z_.=]+| ?\d+|\S| +")
+
+    def __call__(self, text, return_offsets_mapping=False):
+        spans = [(m.start(), m.end()) for m in self.PATTERN.finditer(text)]
+        out = {"input_ids": [hash(text[s:e]) % 1000 for s, e in spans]}
+        if return_offsets_mapping:
+            out["offset_mapping"] = spans
+        return out
+
+
+def test_healed_ids_cut_at_the_natural_token_boundary(tok):
+    from ffcore.evaluation.suite import healed_ids
+
+    prompt, line = "    x = 1\n", "        self.y = 2\n"
+    # byte-level: every character is a token, so the prompt keeps the full indentation
+    assert tok.decode(healed_ids(tok, prompt, line), skip_special_tokens=True) == prompt + " " * 8
+    merging = _MergingTokenizer()
+    ids = healed_ids(merging, prompt, line)  # '    ' 'x' ' =' ' 1' '\n       ' | ' self.y' ...
+    full = merging(prompt + line)["input_ids"]
+    assert ids == full[: len(ids)] and len(ids) == 5  # ends with the merged newline+7 spaces token

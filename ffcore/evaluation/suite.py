@@ -5,7 +5,9 @@ seed and a tokenizer (the same seed gives identical prompts; prompt lengths are 
 token budget with the model's own tokenizer, so prompts differ between tokenizers):
 
 * `code_completion` (Code, like LongBench lcc): the prefix of a standard-library file up to
-  a line; predict the next non-trivial code line; edit similarity (fuzz ratio / 100).
+  a line; predict the next non-trivial code line; edit similarity (fuzz ratio / 100). The prompt
+  is cut at the tokenizer's own boundary before the line's code (`healed_ids`), so it may end with
+  the line's indentation.
   Chance = mean edit similarity of random other code lines of the same file to the target.
 * `kv_retrieval` (Synthetic): a JSON object of random keys -> values (word-pair keys and
   6-digit values, or UUID-like hex), a one-shot example, then ask one key's value; exact
@@ -39,7 +41,7 @@ from typing import Any, Callable, Sequence
 from ffcore.config import StrictConfig
 
 SUITE_NAME = "ffcore-local"
-SUITE_VERSION = "1"
+SUITE_VERSION = "2"
 
 ROW_FIELDS = (
     "uid", "suite", "seed", "task", "category", "kind", "metric", "first_line_only", "prompt",
@@ -77,7 +79,7 @@ class SuiteConfig(StrictConfig):
     """How the local suite is built.
 
     n_per_task:          samples per task.
-    context_tokens:      prompt token budgets; sample i of a task uses entry i % len (1K-4K typical).
+    context_tokens:      prompt token budgets; sample i of a task uses entry i % len (~1K in the default profiles; 1K-4K on a faster machine).
     tasks:               which tasks to build (names in `TASKS`).
     seed:                everything random (documents, keys, depths, shots) derives from it.
     kv_format:           'words' (keys like 'amber-lambda' from eval-prose words, values 6-digit
@@ -478,6 +480,26 @@ def _code_targets(lines: list[str], min_chars: int) -> list[int]:
     return out
 
 
+def healed_ids(tokenizer: Any, prompt: str, target_line: str) -> list[int]:
+    """Prompt ids cut where the tokenizer itself would start the target line's code (token healing).
+
+    A prompt that ends with a bare newline is an unnatural token sequence for tokenizers that merge a
+    newline with the next line's indentation (GPT-2-style BPE: '\\n       ' + ' self'): the model then
+    starts its answer with a stray token. Tokenizing prompt + target line together and cutting before
+    the first token that reaches the target's first non-blank character keeps every prompt token
+    natural (indentation included when the tokenizer keeps it separate). Falls back to the plain
+    prompt for tokenizers without offsets.
+    """
+    p = len(prompt) + len(target_line) - len(target_line.lstrip())
+    try:
+        enc = tokenizer(prompt + target_line, return_offsets_mapping=True)
+    except (NotImplementedError, TypeError, ValueError):
+        return list(tokenizer(prompt)["input_ids"])
+    ids, offsets = enc["input_ids"], enc["offset_mapping"]
+    cut = next((i for i, (_, end) in enumerate(offsets) if end > p), len(ids))
+    return list(ids[:cut])
+
+
 def _code_rows(tokenizer: Any, cfg: SuiteConfig) -> list[dict[str, Any]]:
     from ffcore.evaluation.metrics import edit_similarity
 
@@ -505,14 +527,19 @@ def _code_rows(tokenizer: Any, cfg: SuiteConfig) -> list[dict[str, Any]]:
         def render(n: int, lines: list[str] = lines, t: int = t) -> str:
             return "".join(lines[t - n:t])
 
-        n, prompt = fit_units(render, t, budget, tokenizer)
+        n, prompt = fit_units(render, t, max(1, budget - 4), tokenizer)
+        ids = healed_ids(tokenizer, prompt, lines[t])
+        while len(ids) > budget and n > 1:  # the healed prompt adds the indentation's tokens
+            n -= 1
+            prompt = render(n)
+            ids = healed_ids(tokenizer, prompt, lines[t])
         target = lines[t].strip()
         others = [k for k in _code_targets(lines, cfg.code_min_chars) if k != t]
         rng.shuffle(others)
         sims = [edit_similarity(lines[k], target) for k in others[:30]]
         rows.append(make_row(
             seed=cfg.seed, task="code_completion", category=TASKS["code_completion"].category,
-            metric="edit_sim", prompt=prompt, prompt_ids=tokenizer(prompt)["input_ids"], answers=[target],
+            metric="edit_sim", prompt=tokenizer.decode(ids, skip_special_tokens=True), prompt_ids=ids, answers=[target],
             chance=sum(sims) / len(sims) if sims else 0.0, max_new_tokens=cfg.code_max_new_tokens,
             stop=["\n"], meta={"budget": budget, "doc_id": doc_id, "line": t, "context_lines": n},
         ))
@@ -592,15 +619,20 @@ def suite_overview(dataset: Any) -> list[dict[str, Any]]:
 
 
 def suite_config(profile: str, **overrides: Any) -> SuiteConfig:
-    """The suite size of a run profile: smoke (tiny models, seconds), quick (8/task, 1K-2K), full (24/task, 1K-4K)."""
+    """The suite size of a run profile: smoke (tiny models, seconds), quick (4/task), full (8/task), ~1K-token prompts.
+
+    Prefill on a 2-core CPU costs about 2.5 s per 1K-token prompt and 6 s per 2K (notebook 01), and
+    notebooks 05-06 evaluate about 25 configurations, so the default profiles stay at 1K tokens
+    (8 blocks of 128, 6 of them sparse); pass context_tokens=(1024, 2048, 4096) on a faster machine.
+    """
     from ffcore.profiles import pick
 
     base = pick(
         profile,
         smoke=dict(n_per_task=2, context_tokens=(512,), continuation_tokens=16, continuation_greedy=4,
                    code_max_new_tokens=8),
-        quick=dict(n_per_task=8, context_tokens=(1024, 2048)),
-        full=dict(n_per_task=24, context_tokens=(1024, 2048, 4096)),
+        quick=dict(n_per_task=4, context_tokens=(1024,)),
+        full=dict(n_per_task=8, context_tokens=(1024,)),
     )
     return SuiteConfig.from_dict({**base, **overrides})
 
