@@ -111,7 +111,7 @@ def pareto(summary: Sequence[Mapping[str, Any]]) -> plt.Figure:
         ax.set_xlabel("compute-bound prefill speedup (FLOPs, speculator included)")
         ax.set_ylabel("continuation NLL vs dense (%)")
         ax.set_title(model)
-        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=1)
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=1)
     fig.tight_layout()
     return fig
 
