@@ -78,6 +78,53 @@ def predictor_table(rows: Sequence[Row]) -> str:
     return _md_table(["model", "expert selection", "recall of oracle top-K", "captured oracle mass"], body)
 
 
+def compensator_table(rows: Sequence[Row]) -> str:
+    """Notebook 04's layer-mean FFN-output error at 50 % density with predictor masks, per compensator."""
+    body = [[r.get("model", "?"), str(r.get("compensator", "?")), _num(r.get("rel_err"), 4),
+             _num(None if r.get("reduction") is None else 100 * r["reduction"], 1), _num(r.get("corr_to_err"), 3)]
+            for r in rows if r.get("source") == "predictor" and isinstance(r.get("density"), (int, float))
+            and abs(r["density"] - 0.5) < 1e-9]
+    return _md_table(["model", "compensator", "relative FFN-output error", "error reduction, %",
+                      "correction / error norm"], body)
+
+
+def ffn_speed_table(rows: Sequence[Row]) -> str:
+    """Notebook 07's measured CPU FFN-module speedup at 50 % density beside the FLOP-ideal one."""
+    body = [[r.get("model", "?"), str(r.get("T", "?")), _num(r.get("dense_ms"), 1), _num(r.get("sparse_ms"), 1),
+             _num(r.get("speedup"), 2), _num(r.get("ideal_speedup"), 2), _num(r.get("fraction_of_ideal"), 2),
+             _num(r.get("load_1min"), 1)]
+            for r in rows if isinstance(r.get("density"), (int, float)) and abs(r["density"] - 0.5) < 1e-9]
+    return _md_table(["model", "T", "dense ms", "sparse ms", "speedup", "FLOP-ideal", "fraction of ideal",
+                      "load avg"], body)
+
+
+def ttft_table(rows: Sequence[Row]) -> str:
+    """Notebook 07's measured CPU time-to-first-token, dense vs a FastForward plan, beside the FLOP model."""
+    body = [[r.get("model", "?"), str(r.get("plan", "?")), str(r.get("T", "?")),
+             _num(None if r.get("sparsity") is None else 100 * r["sparsity"], 0), _num(r.get("dense_s"), 2),
+             _num(r.get("sparse_s"), 2), _num(r.get("speedup"), 2), _num(r.get("flop_speedup"), 2)] for r in rows]
+    return _md_table(["model", "plan", "T", "sparsity %", "dense s", "sparse s", "measured speedup",
+                      "FLOP-model speedup"], body)
+
+
+def specprefill_table(rows: Sequence[Row]) -> str:
+    """Notebook 08's configurations: compute-bound speedup and continuation-NLL gap to dense."""
+    def label(r: Row) -> str:
+        parts = [str(r.get("method", "?"))]
+        if r.get("keep_rate") is not None:
+            parts.append(f"keep {r['keep_rate']}")
+        if r.get("sparsity") is not None:
+            parts.append(f"sparsity {r['sparsity']}")
+        if r.get("speculator"):
+            parts.append(f"[{r['speculator']}]")
+        return " ".join(parts)
+
+    body = [[r.get("model", "?"), label(r), _num(r.get("flops_speedup"), 2),
+             _num(None if r.get("rel_nll_gap") is None else 100 * r["rel_nll_gap"], 2, True), str(r.get("n_samples", "?"))]
+            for r in rows if r.get("method") != "dense"]
+    return _md_table(["model", "configuration", "FLOP speedup", "continuation NLL vs dense, %", "samples"], body)
+
+
 @dataclasses.dataclass(frozen=True)
 class Section:
     """One table of the results block: its result file, heading, renderer and the notebook that writes it."""
@@ -91,6 +138,8 @@ class Section:
 SECTIONS: tuple[Section, ...] = (
     Section("03_predictor_comparison", "Expert predictor vs baselines, held-out blocks at 50 % density (paper Table 7, offline)",
             predictor_table, "03_predictor_training"),
+    Section("04_compensator_comparison", "Error compensator on held-out blocks, predictor masks, 50 % density "
+            "(paper Table 6, offline)", compensator_table, "04_compensator_training"),
     Section("05_task_selection", "Local suite: dense score vs chance per task", selection_table, "05_accuracy"),
     Section("05_table2", "Accuracy vs FFN sparsity (paper Table 2)", accuracy_table, "05_accuracy"),
     Section("05_table3", "Sparsity in prefill only vs also in generation (paper Table 3)", accuracy_table, "05_accuracy"),
@@ -99,6 +148,11 @@ SECTIONS: tuple[Section, ...] = (
     Section("06_table6", "Error compensator (paper Table 6)", accuracy_table, "06_ablations"),
     Section("06_table7", "Expert selection (paper Table 7)", accuracy_table, "06_ablations"),
     Section("06_comparisons", "Ablations: paired comparisons", comparison_table, "06_ablations"),
+    Section("07_ffn_bench_cpu", "FFN module on CPU, 50 % density: measured vs FLOP-ideal speedup (paper Fig. 6)",
+            ffn_speed_table, "07_speedups"),
+    Section("07_ttft_cpu", "Time to first token on CPU, dense vs FastForward", ttft_table, "07_speedups"),
+    Section("08_specprefill_summary", "SpecPrefill, FastForward (oracle experts) and their combination",
+            specprefill_table, "08_specprefill"),
 )
 
 

@@ -105,3 +105,27 @@ def test_bad_inputs(results: Path, tmp_path: Path):
 def test_repository_readme_has_the_markers():
     text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     assert text.count(RR.START) == 1 and text.count(RR.END) == 1
+
+
+def test_speed_compensator_and_specprefill_tables():
+    ffn = [{"model": "m", "T": 2048, "density": 0.5, "dense_ms": 126.3, "sparse_ms": 71.0, "speedup": 1.779,
+            "ideal_speedup": 1.778, "fraction_of_ideal": 1.0, "load_1min": 1.2},
+           {"model": "m", "T": 2048, "density": 0.7, "dense_ms": 1.0, "sparse_ms": 1.0, "speedup": 9.99,
+            "ideal_speedup": 1.0, "fraction_of_ideal": 1.0, "load_1min": 0.0}]
+    text = RR.ffn_speed_table(ffn)
+    assert "126.3" in text and "9.99" not in text  # only the 50 % density rows
+    ttft = [{"model": "m", "plan": "random experts", "T": 1024, "sparsity": 0.5, "dense_s": 2.41, "sparse_s": 2.0,
+             "speedup": 1.205, "flop_speedup": 1.29}]
+    assert "| m | random experts | 1024 | 50 | 2.41 | 2.00 | 1.21 | 1.29 |" in RR.ttft_table(ttft)
+    comp = [{"model": "m", "source": "predictor", "density": 0.5, "compensator": "plain", "rel_err": 0.21,
+             "reduction": 0.123, "corr_to_err": 0.3},
+            {"model": "m", "source": "oracle", "density": 0.5, "compensator": "plain", "rel_err": 0.5,
+             "reduction": 0.0, "corr_to_err": 0.0}]
+    text = RR.compensator_table(comp)
+    assert "12.3" in text and "0.5000" not in text  # predictor masks only
+    spec = [{"model": "m", "method": "dense", "keep_rate": None, "sparsity": None, "speculator": None,
+             "flops_speedup": 1.0, "rel_nll_gap": 0.0, "n_samples": 4},
+            {"model": "m", "method": "specprefill", "keep_rate": 0.3, "sparsity": None, "speculator": "first 8 layers",
+             "flops_speedup": 1.808, "rel_nll_gap": 0.0371, "n_samples": 4}]
+    text = RR.specprefill_table(spec)
+    assert "specprefill keep 0.3 [first 8 layers] | 1.81 | +3.71 | 4" in text and "| dense |" not in text
