@@ -251,7 +251,8 @@ def test_settings_and_selection_round_trip(tmp_path, monkeypatch):
     s = T.settings("smoke")
     assert s.min_margin is None and s.ablation_models == ("tiny-llama",)
     full = T.settings("full")
-    assert full.min_margin == 0.15 and full.ablation_models[0] == "gemma3-270m" and full.sparsities == (0.3, 0.4, 0.5)
+    assert full.min_margin == 0.15 and full.ablation_models == ("gemma3-270m",) and full.sparsities == (0.3, 0.4, 0.5)
+    assert set(T.settings("full", all_ablation_models=True).ablation_models) == {"gemma3-270m", "smollm2-135m"}
     with pytest.raises(ValueError, match="unknown key"):
         T.AccuracySettings.from_dict({"suite": {}, "samples": 3})
     write_json("05_accuracy", {"suite": T.suite_description(s.suite), "kept_tasks": {"tiny-llama": ["passkey"]}},

@@ -157,13 +157,18 @@ class AccuracySettings(StrictConfig):
             raise ValueError("level must be in (0, 1) and n_boot >= 100")
 
 
-def settings(profile: str, seed: int = 0, progress: bool = True) -> AccuracySettings:
-    """Notebook 05/06 settings of a profile (the suite of `suite_config(profile)`, seeded)."""
+def settings(profile: str, seed: int = 0, progress: bool = True, all_ablation_models: bool = False) -> AccuracySettings:
+    """Notebook 05/06 settings of a profile (the suite of `suite_config(profile)`, seeded).
+
+    Notebook 06 runs on the stronger model (gemma3-270m) only, unless `all_ablation_models`: on two
+    idle CPU cores each ablation configuration costs about 100 s per model at the full profile's size.
+    """
     models = models_for(profile)
+    ablation = models if all_ablation_models else pick(profile, models[:1], ("gemma3-270m",), ("gemma3-270m",))
     return AccuracySettings(
         suite=suite_config(profile, seed=seed),
         min_margin=pick(profile, None, 0.15, 0.15),
-        ablation_models=pick(profile, models[:1], ("gemma3-270m",), ("gemma3-270m", "smollm2-135m")),
+        ablation_models=ablation,
         n_boot=pick(profile, 200, 2000, 2000),
         run=RunConfig(progress=progress),
     )
