@@ -41,18 +41,20 @@ class SpeedSettings(StrictConfig):
     ttft_tokens: tuple[int, ...] = (1024, 2048, 4096)
     ttft_sparsities: tuple[float, ...] = (0.5,)
     ttft_extra_sparsities_at: int = 2048  # also measure 30 % and 40 % sparsity at this length
-    ttft_repeats: int = 5
+    ttft_repeats: int = 3
+    baseline_at: int = 2048  # the random-experts plan (sparse compute without selection) is timed at this length
     curve_max_tokens: int = 32768
 
 
 def settings(profile: str) -> SpeedSettings:
-    """Notebook 07's sizes per profile (smoke: tiny models in seconds; full: ~10 min on 2 idle cores)."""
+    """Notebook 07's sizes per profile (smoke: tiny models in seconds; full: ~15 min on 2 idle cores, mostly 4K TTFT)."""
     return SpeedSettings(
         ffn_tokens=pick(profile, (256, 512), (1024, 2048), (1024, 2048, 4096, 8192)),
         ffn_repeats=pick(profile, 2, 5, 7),
         ttft_tokens=pick(profile, (256, 512), (1024, 2048), (1024, 2048, 4096)),
         ttft_extra_sparsities_at=pick(profile, 512, 2048, 2048),
-        ttft_repeats=pick(profile, 2, 3, 5),
+        ttft_repeats=pick(profile, 2, 3, 3),
+        baseline_at=pick(profile, 512, 2048, 2048),
         curve_max_tokens=pick(profile, 4096, 32768, 32768),
     )
 
