@@ -629,7 +629,7 @@ def suite_config(profile: str, **overrides: Any) -> SuiteConfig:
 
     base = pick(
         profile,
-        smoke=dict(n_per_task=2, context_tokens=(512,), continuation_tokens=16, continuation_greedy=4,
+        smoke=dict(n_per_task=2, context_tokens=(768,), continuation_tokens=16, continuation_greedy=4,
                    code_max_new_tokens=8),
         quick=dict(n_per_task=4, context_tokens=(1024,)),
         full=dict(n_per_task=8, context_tokens=(1024,)),
