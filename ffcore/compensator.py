@@ -60,7 +60,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ffcore.collect import CollectConfig, Collection, model_slug
+from ffcore.collect import Collection, model_slug
 from ffcore.config import StrictConfig
 from ffcore.flops import ModelSpec, compensator_flops, compensator_rank
 from ffcore.models import gated_mlps, model_dims, model_fingerprint
@@ -306,7 +306,7 @@ def compensator_meta(model: nn.Module, model_key: str, train: Collection) -> dic
 
 # ------------------------------------------------------------------------------ distillation targets
 def mask_sources(coll: Collection, predictor: nn.Module | None = None) -> dict[str, Tensor]:
-    """Neuron scores [n_blocks, L, f] whose top-K are each block's experts: the oracle's, and the predictor's if given."""
+    """Scores [n_blocks, L, f] whose top-K are each block's experts: the oracle's, and the predictor's if given."""
     out = {"oracle": coll.scores}
     if predictor is not None:
         from ffcore.predictor import predict_scores
@@ -460,6 +460,7 @@ class CompensatorConfig(StrictConfig):
     """Compensator training settings (see the module docstring).
 
     phases:    mask sources in training order (paper: oracle warm start, then predictor).
+    warm_epochs: epoch cap of every phase but the last (the warm start; None: max_epochs).
     max_epochs / patience / min_delta: per phase. Each layer keeps its best validation epoch; a
                phase stops when the layer mean of the best validation relative MSEs has not
                improved by `min_delta` for `patience` epochs.
@@ -474,6 +475,7 @@ class CompensatorConfig(StrictConfig):
     weight_decay: float = 0.0
     batch_blocks: int = 4
     max_epochs: int = 8
+    warm_epochs: int | None = None
     patience: int = 2
     min_delta: float = 1e-3
     val_frac: float = 0.15
@@ -535,7 +537,7 @@ class _Trainer:
         return grouped_correction(x, w1, p["w2"], self.comp.act, p.get("b1"), p.get("b2"), shift, gain)
 
     def batch(self, rows: Tensor, src: str, slots: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
-        """Inputs [L, b, T, d], scaled targets [L, b, T, d] and drop masks [L, b, f] of blocks `rows` at slots [b, L]."""
+        """Inputs, scaled targets ([L, b, T, d] each) and drop masks [L, b, f] of blocks `rows` at slots [b, L]."""
         data = self.data
         b, L = slots.shape
         x = data.X.index_select(0, rows).transpose(0, 1)  # [b, L, T, d] -> [L, b, T, d]
@@ -557,7 +559,7 @@ class _Trainer:
         num = sum((e - self.predict(p, x, drop)).pow(2).sum((1, 2, 3)) for x, e, drop in val["parts"])
         return num / val["den"]
 
-    def run(self, tr: Tensor, va: Tensor, src: str, progress: bool) -> None:
+    def run(self, tr: Tensor, va: Tensor, src: str, epochs: int, progress: bool) -> None:
         """One phase on mask source `src`, keeping each layer's best validation epoch; stops when the
         layer mean of the best validation losses has not improved by `min_delta` for `patience` epochs."""
         from tqdm.auto import tqdm
@@ -571,7 +573,7 @@ class _Trainer:
         best_epoch = [0] * L
         self._log(src, 0, None, best_loss)
         stale = 0
-        for epoch in tqdm(range(1, cfg.max_epochs + 1), desc=f"compensator/{src}", disable=not progress, leave=False):
+        for epoch in tqdm(range(1, epochs + 1), desc=f"compensator/{src}", disable=not progress, leave=False):
             tot = torch.zeros(L)
             perm = tr[torch.randperm(len(tr), generator=self.gen)]
             for a in range(0, len(perm), cfg.batch_blocks):
@@ -646,8 +648,9 @@ def train_compensator(
     if not len(va):  # too few samples: stop on the training blocks
         va = tr
     trainer = _Trainer(comp, data, cfg, _input_scale(data.X[tr]))
-    for src in cfg.phases:
-        trainer.run(tr, va, src, progress)
+    for i, src in enumerate(cfg.phases):
+        last = i == len(cfg.phases) - 1
+        trainer.run(tr, va, src, cfg.max_epochs if last or cfg.warm_epochs is None else cfg.warm_epochs, progress)
     with torch.no_grad():
         for k, v in trainer.finish().items():
             getattr(comp, k).copy_(v)
@@ -779,8 +782,10 @@ def compensator_cost(d: int, f: int, density: float, variant: str = "plain", r: 
     return {
         "variant": variant, "density": density, "r": r, "block_size": block_size, "flops": plain + extra,
         "extra_flops_vs_plain": extra, "extra_pct_vs_plain": 100 * extra / plain,
-        "share_of_sparse_ffn_pct": 100 * (plain + extra) / ffn_sparse, "share_of_dense_ffn_pct": 100 * (plain + extra) / ffn_dense,
-        "params": 2 * d * r + (2 * f * r if masked else 0), "params_read": 2 * d * r + (2 * (f - k) * r if masked else 0),
+        "share_of_sparse_ffn_pct": 100 * (plain + extra) / ffn_sparse,
+        "share_of_dense_ffn_pct": 100 * (plain + extra) / ffn_dense,
+        "params": 2 * d * r + (2 * f * r if masked else 0),
+        "params_read": 2 * d * r + (2 * (f - k) * r if masked else 0),
         "ffn_weights_read": 3 * d * k,
     }
 
@@ -790,7 +795,7 @@ def sanity_nll(
     model: nn.Module, tokenizer: Any, predictor: nn.Module, compensators: Mapping[str, ErrorCompensator | None],
     n_samples: int, ctx_len: int, cont_len: int, density: float = 0.5, seed: int = 0,
 ) -> list[dict[str, Any]]:
-    """Continuation NLL after a sparse prefill with the predictor's experts, per compensator (None = none), and dense."""
+    """Continuation NLL after a sparse prefill with the predictor's experts, per compensator (None: none), and dense."""
     from ffcore.data import token_samples
     from ffcore.plan import SparsityPlan
     from ffcore.predictor import continuation_nll
@@ -802,7 +807,8 @@ def sanity_nll(
     for name, comp in compensators.items():
         t0 = time.time()
         plan = SparsityPlan(densities=density, policy=predictor, compensator=comp, seed=seed)
-        rows.append({"compensator": name, "density": density, "nll": round(continuation_nll(model, ids, ctx_len, plan), 5),
+        nll = continuation_nll(model, ids, ctx_len, plan)
+        rows.append({"compensator": name, "density": density, "nll": round(nll, 5),
                      "seconds": round(time.time() - t0, 1)})
     for r in rows:
         r["rel_change_pct"] = round(100 * (r["nll"] / rows[0]["nll"] - 1), 2)
@@ -838,11 +844,13 @@ class Notebook04Settings(StrictConfig):
 
 
 def settings(profile: str, seed: int = 0) -> Notebook04Settings:
-    """The notebook-04 settings of a profile (smoke: tiny models in seconds; full: under ~10 min on 2 idle CPU cores)."""
-    common = dict(seed=seed, batch_blocks=4, lr=2e-3, max_epochs=pick(profile, 6, 8, 8), patience=2)
+    """The notebook-04 settings of a profile (smoke: tiny models in seconds; full: ~10 min on 2 idle CPU cores)."""
+    common = dict(seed=seed, batch_blocks=4, lr=2e-3, max_epochs=pick(profile, 6, 8, 8), warm_epochs=pick(profile, 6, 6, 6),
+                  patience=2)
     return Notebook04Settings(
-        tokens_per_block=pick(profile, 64, 64, 64), levels_per_block=2, train_densities=TRAIN_DENSITIES, eval_densities=EVAL_DENSITIES,
-        plain=CompensatorConfig(variant="plain", **common), masked=CompensatorConfig(variant="masked", phases=("predictor",), **common),
+        tokens_per_block=64, levels_per_block=2, train_densities=TRAIN_DENSITIES, eval_densities=EVAL_DENSITIES,
+        plain=CompensatorConfig(variant="plain", **common),
+        masked=CompensatorConfig(variant="masked", phases=("predictor",), **common),
         nll_samples=pick(profile, 1, 2, 3), nll_ctx=pick(profile, 384, 1024, 1024),
         nll_cont=pick(profile, 32, 64, 64),
     )
@@ -853,20 +861,43 @@ def verdict(table: Sequence[dict[str, Any]], density: float = 0.5, trained: Sequ
     """A Markdown summary computed from `mean_rows` output (predictor masks): errors, masked vs plain, across levels."""
     lines = []
     for model_key in dict.fromkeys(r["model"] for r in table):
-        get = {(r["density"], r["compensator"]): r for r in table if r["model"] == model_key and r["source"] == "predictor"}
+        get = {(r["density"], r["compensator"]): r for r in table
+               if r["model"] == model_key and r["source"] == "predictor"}
         none, plain, masked = (get.get((density, m)) for m in ("none", "plain", "masked"))
         if none is None or plain is None:
             continue
         txt = (f"- **{model_key}**, predictor masks at {density:.0%} density: relative FFN-output error "
                f"**{none['rel_err']:.4f}** without compensation, **{plain['rel_err']:.4f}** with the plain compensator "
-               f"({plain['reduction']:+.1%} reduction)")
+               f"({plain['reduction']:.1%} lower)")
         if masked is not None:
-            better = masked["rel_err"] < plain["rel_err"]
-            txt += (f", **{masked['rel_err']:.4f}** with the mask-conditioned one ({masked['reduction']:+.1%}); the "
-                    f"mask-conditioned compensator {'**beats**' if better else 'does **not** beat'} the plain one")
+            diff = 1 - masked["rel_err"] / plain["rel_err"]
+            txt += (f", **{masked['rel_err']:.4f}** with the mask-conditioned one ({masked['reduction']:.1%} lower); the "
+                    f"mask-conditioned compensator {'**beats**' if diff > 0 else 'does **not** beat'} the plain one "
+                    f"({abs(diff):.1%} {'less' if diff > 0 else 'more'} remaining error)")
         helps = [q for q in trained if (q, "plain") in get and get[(q, "plain")]["reduction"] > 0]
-        red = ", ".join(f"{get[(q, 'plain')]['reduction']:+.1%} at {q:.0%}" for q in trained if (q, "plain") in get)
+        red = ", ".join(f"{get[(q, 'plain')]['reduction']:.1%} at {q:.0%}" for q in trained if (q, "plain") in get)
         txt += (f". One plain compensator {'reduces' if len(helps) == len(trained) else 'does **not** reduce'} the "
-                f"error at every trained density ({red})")
+                f"error at every trained density (by {red})")
+        outside = sorted(q for q, m in get if m == "plain" and q not in trained)
+        if outside:
+            txt += "; outside the trained range: " + ", ".join(
+                f"{get[(q, 'plain')]['reduction']:+.1%} at {q:.0%} (mask-conditioned: "
+                f"{get[(q, 'masked')]['reduction']:+.1%})" if (q, "masked") in get else
+                f"{get[(q, 'plain')]['reduction']:+.1%} at {q:.0%}" for q in outside)
         lines.append(txt + ".")
+    return "\n".join(lines)
+
+
+def nll_verdict(rows: Sequence[dict[str, Any]]) -> str:
+    """A Markdown summary of `sanity_nll` rows (tagged with 'model'): does each compensator lower the NLL increase?"""
+    lines = []
+    for model_key in dict.fromkeys(r["model"] for r in rows):
+        get = {r["compensator"]: r for r in rows if r["model"] == model_key}
+        if "none" not in get:
+            continue
+        base = get["none"]["rel_change_pct"]
+        parts = [f"{name} {r['rel_change_pct']:+.2f} % ({'better' if r['rel_change_pct'] < base else 'not better'} "
+                 f"than none)" for name, r in get.items() if name not in ("dense", "none")]
+        lines.append(f"- **{model_key}**: continuation NLL vs dense after a 50 % sparse prefill: no compensator "
+                     f"{base:+.2f} %; " + "; ".join(parts) + ".")
     return "\n".join(lines)

@@ -114,19 +114,27 @@ def correction_norms(rows_by_model: dict[str, Sequence[dict[str, Any]]], density
 
 def across_densities(table: Sequence[dict[str, Any]], source: str = "predictor",
                      trained: tuple[float, float] = (0.5, 0.7)) -> "plt.Figure":
-    """Layer-mean relative error vs density for each compensator (one panel per model); the trained range shaded."""
+    """Layer-mean relative error (top) and its reduction (bottom) vs density; one column per model; trained range shaded."""
     names = list(dict.fromkeys(r["model"] for r in table))
-    fig, axes = plt.subplots(1, len(names), figsize=(5.2 * len(names), 3.6), squeeze=False)
-    for ax, name in zip(axes[0], names):
+    fig, axes = plt.subplots(2, len(names), figsize=(5.2 * len(names), 6.0), squeeze=False, sharex=True)
+    for col, name in enumerate(names):
         for comp in COMP_ORDER:
-            sel = sorted((r for r in table if r["model"] == name and r["source"] == source and r["compensator"] == comp),
+            sel = sorted((r for r in table if (r["model"], r["source"], r["compensator"]) == (name, source, comp)),
                          key=lambda r: r["density"])
-            if sel:
-                ax.plot([r["density"] for r in sel], [r["rel_err"] for r in sel], marker="o", color=COMP_COLORS[comp],
-                        label=COMP_LABELS[comp])
-        ax.axvspan(*trained, color="#bbbbbb", alpha=0.25, lw=0, label="trained density range")
-        ax.set(xlabel="density (1 - sparsity)", ylabel="relative FFN-output error (layer mean)",
-               title=f"{name}, {source} masks")
-        ax.legend(fontsize=7)
+            if not sel:
+                continue
+            dens = [r["density"] for r in sel]
+            axes[0, col].plot(dens, [r["rel_err"] for r in sel], marker="o", color=COMP_COLORS[comp],
+                              label=COMP_LABELS[comp])
+            if comp != "none":
+                axes[1, col].plot(dens, [r["reduction"] for r in sel], marker="o", color=COMP_COLORS[comp],
+                                  label=COMP_LABELS[comp])
+        for ax in axes[:, col]:
+            ax.axvspan(*trained, color="#bbbbbb", alpha=0.25, lw=0, label="trained density range")
+        axes[0, col].set(ylabel="relative FFN-output error (layer mean)", title=f"{name}, {source} masks")
+        axes[1, col].set(xlabel="density (1 - sparsity)", ylabel="error reduction (layer mean)")
+        axes[1, col].axhline(0, color="black", lw=0.8)
+        axes[1, col].yaxis.set_major_formatter(PercentFormatter(1.0))
+        axes[0, col].legend(fontsize=7)
     fig.tight_layout()
     return fig
