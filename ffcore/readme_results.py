@@ -64,11 +64,18 @@ def selection_table(rows: Sequence[Row]) -> str:
 
 def comparison_table(rows: Sequence[Row]) -> str:
     """Paired comparisons of the ablations (notebook 06): other vs reference, relative change [CI]."""
+    def paper(r: Row) -> str:
+        expect, agree = r.get("paper_expects", "none"), r.get("agrees_with_paper")
+        if expect in (None, "none") or agree is None:
+            return "-"
+        return f"{expect} ({'consistent' if agree else 'not consistent'})"
+
     body = [[r.get("model", "?"), f"{r.get('other', '?')} vs {r.get('reference', '?')}",
              f"{_num(r.get('other_avg'))} vs {_num(r.get('reference_avg'))}",
              f"{_num(r.get('rel_change_pct'), 2, True)} {_ci(r.get('ci_low'), r.get('ci_high'), 1, True)}",
-             "yes" if r.get("resolved") else "no"] for r in rows]
-    return _md_table(["model", "comparison", "averages", "rel. change, % [95 % CI]", "CI excludes 0"], body)
+             "yes" if r.get("resolved") else "no", paper(r)] for r in rows]
+    return _md_table(["model", "comparison", "averages", "rel. change, % [95 % CI]", "CI excludes 0",
+                      "paper found"], body)
 
 
 def predictor_table(rows: Sequence[Row]) -> str:

@@ -81,8 +81,8 @@ def test_every_table_starts_dense_and_varies_one_factor(table):
     else:  # every ablation contains the full method (the reference row shared with Table 2)
         same = [s for s in specs[1:] if all(getattr(s, f) == getattr(ref, f) for f in FIELDS)]
         assert len(same) == 1
-    for ref_label, other in T.comparison_pairs(table):
-        assert {ref_label, other} <= set(labels)
+    for ref_label, other, expect in T.comparison_pairs(table):
+        assert {ref_label, other} <= set(labels) and expect in T.EXPECTATIONS
 
 
 def test_table_factors():
@@ -228,7 +228,15 @@ def test_accuracy_rows_scale_and_gap():
     assert "**m**" in text and "-20.00 %" in text and "outside" in text and "62.5" in text
     comp = T.comparisons("table7", "m", {"dense": dense, "half": sparse}, [("dense", "half")], ["a", "b"], n_boot=200)
     assert comp[0]["rel_change_pct"] == pytest.approx(-20.0) and comp[0]["other"] == "half"
+    assert comp[0]["paper_expects"] == "none" and comp[0]["agrees_with_paper"] is None
     assert "worse" in T.comparison_verdict(comp)
+    claims = T.comparisons("table7", "m", {"dense": dense, "half": sparse},
+                           [("dense", "half", "worse"), ("dense", "half", "similar")], ["a", "b"], n_boot=200)
+    assert claims[0]["agrees_with_paper"] is True
+    assert claims[1]["agrees_with_paper"] is (not claims[1]["resolved"])
+    assert "consistent" in T.comparison_verdict(claims)
+    with pytest.raises(ValueError, match="expectation"):
+        T.comparisons("table7", "m", {"dense": dense, "half": sparse}, [("dense", "half", "bigger")], ["a"])
     frame = T.frame(rows)
     assert list(frame.index.names) == ["model", "config"] and "Code" in frame.columns
 

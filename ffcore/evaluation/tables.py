@@ -373,34 +373,58 @@ def continuation_rows(table: str, model_key: str, results: Mapping[str, Records]
             for r in continuation_table(results)]
 
 
+EXPECTATIONS = ("worse", "similar", "none")
+
+
+def _agrees(expect: str, change: float, resolved: bool) -> bool | None:
+    if expect == "worse":
+        return bool(change < 0)
+    if expect == "similar":
+        return not resolved
+    return None
+
+
 def comparisons(
-    table: str, model_key: str, results: Mapping[str, Records], pairs: Sequence[tuple[str, str]],
+    table: str, model_key: str, results: Mapping[str, Records], pairs: Sequence[tuple[str, ...]],
     tasks: Sequence[str], n_boot: int = 2000, level: float = 0.95, seed: int = 0,
 ) -> list[dict[str, Any]]:
-    """For each (reference, other) pair: other's average relative to reference's, paired bootstrap CI (percent)."""
+    """For each (reference, other[, paper expectation]) pair: other's average relative to reference's, paired CI.
+
+    The expectation ('worse', 'similar' or 'none': what the paper found for `other`) gives
+    `agrees_with_paper`: the point estimate's sign for 'worse', an unresolved difference for 'similar'.
+    """
     out = []
-    for ref, other in pairs:
+    for pair in pairs:
+        ref, other = pair[0], pair[1]
+        expect = pair[2] if len(pair) > 2 else "none"
+        if expect not in EXPECTATIONS:
+            raise ValueError(f"unknown expectation {expect!r}; choose one of {EXPECTATIONS}")
         g = paired_gap(results[ref], results[other], tasks, n_boot, level, seed)
         lo, hi = g["rel_gap_ci"]
+        change, resolved = g["rel_gap_pct"], bool(lo > 0 or hi < 0)
         out.append({"table": table, "model": model_key, "reference": ref, "other": other,
                     "reference_avg": _round(100 * g["dense_avg"], 3), "other_avg": _round(100 * g["sparse_avg"], 3),
-                    "rel_change_pct": _round(g["rel_gap_pct"], 3), "ci_low": _round(lo, 3), "ci_high": _round(hi, 3),
-                    "resolved": bool(lo > 0 or hi < 0)})
+                    "rel_change_pct": _round(change, 3), "ci_low": _round(lo, 3), "ci_high": _round(hi, 3),
+                    "resolved": resolved, "paper_expects": expect,
+                    "agrees_with_paper": None if math.isnan(change) else _agrees(expect, change, resolved)})
     return out
 
 
-# The comparisons each ablation is about: (reference, other) labels, at the ablation sparsity.
-def comparison_pairs(table: str, ablation: float = 0.5) -> list[tuple[str, str]]:
-    """The paper's claims of a table as (reference, other) label pairs."""
+# The comparisons each ablation is about: (reference, other, what the paper found for other).
+def comparison_pairs(table: str, ablation: float = 0.5) -> list[tuple[str, str, str]]:
+    """The paper's claims of a table as (reference, other, expectation) triples (expectation: 'worse', 'similar', 'none')."""
     a = f"{ablation:.0%}"
     pairs = {
         "table2": [],
-        "table3": [(f"{a} prefill only", f"{a} prefill + generation")],
-        "table4": [(f"layer-wise {a}", f"uniform {a}")],
-        "table5": [("+ dense first & last", "+ dense first"), ("+ dense first & last", "all blocks sparse"),
-                   ("+ dense first", "all blocks sparse")],
-        "table6": [("plain compensator", "no compensator"), ("plain compensator", "mask-conditioned compensator")],
-        "table7": [("trained predictor", "per-block oracle"), ("trained predictor", "first-block static")],
+        "table3": [(f"{a} prefill only", f"{a} prefill + generation", "worse")],
+        "table4": [(f"layer-wise {a}", f"uniform {a}", "worse")],
+        "table5": [("+ dense first & last", "+ dense first", "worse"),
+                   ("+ dense first & last", "all blocks sparse", "worse"),
+                   ("+ dense first", "all blocks sparse", "worse")],
+        "table6": [("plain compensator", "no compensator", "worse"),
+                   ("plain compensator", "mask-conditioned compensator", "none")],
+        "table7": [("trained predictor", "per-block oracle", "similar"),
+                   ("trained predictor", "first-block static", "worse")],
     }
     if table not in pairs:
         raise ValueError(f"unknown table {table!r}; choose one of {sorted(pairs)}")
@@ -467,8 +491,13 @@ def comparison_verdict(comp_rows: Sequence[Mapping[str, Any]]) -> str:
         word = "better" if d > 0 else "worse" if d < 0 else "equal"
         res = ("the paired 95 % CI excludes 0" if c["resolved"] else
                "the paired 95 % CI includes 0: not resolved at this sample size")
+        paper = {"worse": "the paper found it worse", "similar": "the paper found them similar"}.get(
+            c.get("paper_expects", "none"))
+        agree = c.get("agrees_with_paper")
+        tail = "" if paper is None or agree is None else f" — {paper}: {'consistent' if agree else '**not** consistent'}"
         lines.append(f"- **{c['model']}**: *{c['other']}* scores {c['other_avg']:.1f} vs {c['reference_avg']:.1f} for "
-                     f"*{c['reference']}* ({d:+.2f} % relative, {word}; CI {_fmt_ci(c['ci_low'], c['ci_high'])}; {res}).")
+                     f"*{c['reference']}* ({d:+.2f} % relative, {word}; CI {_fmt_ci(c['ci_low'], c['ci_high'])}; "
+                     f"{res}){tail}.")
     return "\n".join(lines)
 
 
