@@ -116,7 +116,7 @@ def across_densities(table: Sequence[dict[str, Any]], source: str = "predictor",
                      trained: tuple[float, float] = (0.5, 0.7)) -> "plt.Figure":
     """Layer-mean relative error (top) and its reduction (bottom) vs density; one column per model; trained range shaded."""
     names = list(dict.fromkeys(r["model"] for r in table))
-    fig, axes = plt.subplots(2, len(names), figsize=(5.2 * len(names), 6.0), squeeze=False, sharex=True)
+    fig, axes = plt.subplots(2, len(names), figsize=(5.4 * len(names), 6.4), squeeze=False, sharex=True)
     for col, name in enumerate(names):
         for comp in COMP_ORDER:
             sel = sorted((r for r in table if (r["model"], r["source"], r["compensator"]) == (name, source, comp)),
@@ -131,8 +131,8 @@ def across_densities(table: Sequence[dict[str, Any]], source: str = "predictor",
                                   label=COMP_LABELS[comp])
         for ax in axes[:, col]:
             ax.axvspan(*trained, color="#bbbbbb", alpha=0.25, lw=0, label="trained density range")
-        axes[0, col].set(ylabel="relative FFN-output error (layer mean)", title=f"{name}, {source} masks")
-        axes[1, col].set(xlabel="density (1 - sparsity)", ylabel="error reduction (layer mean)")
+        axes[0, col].set(ylabel="relative error (layer mean)", title=f"{name}, {source} masks")
+        axes[1, col].set(xlabel="density (1 - sparsity)", ylabel="reduction (layer mean)")
         axes[1, col].axhline(0, color="black", lw=0.8)
         axes[1, col].yaxis.set_major_formatter(PercentFormatter(1.0))
         axes[0, col].legend(fontsize=7)
