@@ -83,7 +83,7 @@ def test_overview(suite):
 def test_profile_configs():
     from ffcore.evaluation.suite import suite_config
 
-    assert suite_config("quick").n_per_task < suite_config("full").n_per_task
+    assert suite_config("quick").n_per_task < suite_config("full").n_per_task <= 8
     assert min(suite_config("full").context_tokens) >= 1024
     assert suite_config("full", context_tokens=(2048, 4096)).context_tokens == (2048, 4096)
     assert suite_config("smoke", seed=3).seed == 3

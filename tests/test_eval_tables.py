@@ -171,8 +171,11 @@ def test_run_table_is_incremental_and_shares_rows(comps, suite, tmp_path, monkey
     assert {(r["config"], r["task"]) for r in t4.tasks} == {
         (c, t) for c in ("dense", "layer-wise 50%", "uniform 50%") for t in ("passkey", "continuation")}
 
+    per_sample = sum(r["time_s"] for recs in t4.records["tiny-llama"].values() for r in recs)
+    assert T.fresh_seconds(t4) == pytest.approx(per_sample, abs=0.2)
     calls.clear()
     again = T.run_table("table4", {"tiny-llama": comps}, {"tiny-llama": suite}, kept, cfg, cache)
+    assert T.fresh_seconds(t4, again) == T.fresh_seconds(t4)  # the same cached runs count once
     assert calls == [] and json.dumps(again.rows) == json.dumps(t4.rows)  # everything from the cache
 
     # Table 6's reference row is the same plan as Table 4's layer-wise row: only the new rows run

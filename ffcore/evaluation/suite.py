@@ -619,11 +619,12 @@ def suite_overview(dataset: Any) -> list[dict[str, Any]]:
 
 
 def suite_config(profile: str, **overrides: Any) -> SuiteConfig:
-    """The suite size of a run profile: smoke (tiny models, seconds), quick (4/task), full (8/task), ~1K-token prompts.
+    """The suite size of a run profile: smoke (tiny models, seconds), quick (3/task), full (5/task), ~1K-token prompts.
 
-    Prefill on a 2-core CPU costs about 2.5 s per 1K-token prompt and 6 s per 2K (notebook 01), and
-    notebooks 05-06 evaluate about 25 configurations, so the default profiles stay at 1K tokens
-    (8 blocks of 128, 6 of them sparse); pass context_tokens=(1024, 2048, 4096) on a faster machine.
+    On two CPU cores one sample costs about 3-5 s (a 1K-token prefill is 2.5-3.5 s, notebook 01, plus
+    a short greedy decode), and notebooks 05-06 evaluate 17 model-configurations of up to 5 tasks, so
+    the default profiles stay small: 5 samples per task at 1K tokens (8 blocks of 128, 6 of them
+    sparse). On a faster machine pass n_per_task=24, context_tokens=(1024, 2048, 4096).
     """
     from ffcore.profiles import pick
 
@@ -631,8 +632,8 @@ def suite_config(profile: str, **overrides: Any) -> SuiteConfig:
         profile,
         smoke=dict(n_per_task=2, context_tokens=(768,), continuation_tokens=16, continuation_greedy=4,
                    code_max_new_tokens=8),
-        quick=dict(n_per_task=4, context_tokens=(1024,)),
-        full=dict(n_per_task=8, context_tokens=(1024,)),
+        quick=dict(n_per_task=3, context_tokens=(1024,)),
+        full=dict(n_per_task=5, context_tokens=(1024,)),
     )
     return SuiteConfig.from_dict({**base, **overrides})
 

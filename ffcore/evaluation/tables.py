@@ -529,6 +529,21 @@ class TableResult:
     continuation: list[dict[str, Any]]  # continuation_rows (models whose kept tasks include continuation)
     comparisons: list[dict[str, Any]]  # comparisons of comparison_pairs(table)
     seconds: dict[str, float]  # wall time per model (cache hits make reruns fast)
+    records: dict[str, dict[str, list[dict[str, Any]]]] = dataclasses.field(default_factory=dict)  # model -> config -> records
+
+
+def fresh_seconds(*parts: "TableResult | Mapping[str, Mapping[str, Records]]") -> float:
+    """What evaluations cost when first computed (sum of per-sample times, shared runs counted once).
+
+    Each part is a `TableResult` or a mapping model -> configuration -> records.
+    """
+    seen: dict[tuple, float] = {}
+    for t in parts:
+        for model, by_config in (t.records if isinstance(t, TableResult) else t).items():
+            for recs in by_config.values():
+                for r in recs:  # a run shared by two tables is the same cached record: same uid and time
+                    seen[(model, r["uid"], r["time_s"], r["prefill_s"])] = r["time_s"]
+    return round(sum(seen.values()), 1)
 
 
 def run_table(
@@ -548,6 +563,7 @@ def run_table(
         t0 = time.time()
         results = run_specs(comps, specs, suites[key], cache, tasks, cfg.run, seed)
         res.seconds[key] = round(time.time() - t0, 1)
+        res.records[key] = results
         res.rows += accuracy_rows(table, key, specs, results, tasks, cfg.n_boot, cfg.level, seed)
         res.tasks += task_rows(table, key, results, tasks, cfg.n_boot, seed)
         res.continuation += continuation_rows(table, key, results)
