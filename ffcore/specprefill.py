@@ -703,6 +703,10 @@ class SpecPrefillRunConfig(StrictConfig):
     lookahead:          the speculators' look-ahead tokens.
     max_gap:            relative continuation-NLL gap allowed for the timed "best" points.
     block_size:         FastForward's block size (128 as in the paper; smaller for the tiny smoke prompts).
+    suite_keep_rates:   SpecPrefill keep rates (self-speculator) evaluated on notebook 05's suite.
+    suite_same_model_keep_rates: the same with the main model as its own speculator.
+    suite_no_last_keep_rates:    keep rates evaluated without forcing the last chunk (the question) in.
+    suite_combos:       (keep rate, FFN sparsity) pairs of the combination on the suite.
     """
 
     models: list[str]
@@ -720,6 +724,10 @@ class SpecPrefillRunConfig(StrictConfig):
     lookahead: int = 8
     max_gap: float = 0.05  # "best point" = highest FLOP speedup within this relative NLL gap
     block_size: int = 128
+    suite_keep_rates: list[float] = dataclasses.field(default_factory=list)
+    suite_same_model_keep_rates: list[float] = dataclasses.field(default_factory=list)
+    suite_no_last_keep_rates: list[float] = dataclasses.field(default_factory=list)
+    suite_combos: list[list[float]] = dataclasses.field(default_factory=list)
 
 
 def run_config(profile: str) -> SpecPrefillRunConfig:
@@ -730,18 +738,20 @@ def run_config(profile: str) -> SpecPrefillRunConfig:
             models=["tiny-llama", "tiny-gemma3"], seq_len=192, cont_len=16, n_samples=2,
             keep_rates=[0.5, 0.9], prefix_fraction=0.5, sparsities=[0.5], combo_keep_rates=[0.5],
             combo_sparsities=[0.5], timing_repeats=1, passkey_samples=1, passkey_len=160, lookahead=2,
-            block_size=32,
+            block_size=32, suite_keep_rates=[0.5], suite_no_last_keep_rates=[0.5], suite_combos=[[0.5, 0.5]],
         ),
         quick=SpecPrefillRunConfig(
             models=["smollm2-135m", "gemma3-270m"], seq_len=512, cont_len=32, n_samples=2,
             keep_rates=[0.3, 0.5, 0.7], prefix_fraction=0.25, sparsities=[0.5], combo_keep_rates=[0.5],
             combo_sparsities=[0.5], timing_repeats=1, passkey_samples=1, passkey_len=384,
+            suite_keep_rates=[0.3, 0.5], suite_no_last_keep_rates=[0.5], suite_combos=[[0.5, 0.5]],
         ),
         full=SpecPrefillRunConfig(
             models=["smollm2-135m", "gemma3-270m"], seq_len=1024, cont_len=64, n_samples=4,
             keep_rates=[0.3, 0.5, 0.7], prefix_fraction=0.25, sparsities=[0.3, 0.4, 0.5],
             combo_keep_rates=[0.5, 0.7], combo_sparsities=[0.5], timing_repeats=3, passkey_samples=2,
-            passkey_len=768,
+            passkey_len=768, suite_keep_rates=[0.3, 0.5, 0.7], suite_no_last_keep_rates=[0.5],
+            suite_combos=[[0.5, 0.5]],
         ),
     )
 
@@ -762,10 +772,24 @@ def prefix_layers(model: nn.Module, fraction: float) -> int:
     return n
 
 
+PlanFactory = Callable[[float], Any]  # FFN sparsity -> the FastForward SparsityPlan to run
+
+
 def _ff_plan(sparsity: float, block_size: int, policy: str = "oracle") -> Any:
     from ffcore.plan import SparsityPlan
 
     return SparsityPlan(densities=1.0 - sparsity, policy=policy, block_size=block_size, dense_first=True, dense_last=True)
+
+
+def _plan_factory(ff_plan: PlanFactory | None, block_size: int, policy: str = "oracle") -> PlanFactory:
+    """The given factory, or uniform densities with `policy` experts and the first/last block dense."""
+    return ff_plan or (lambda s: _ff_plan(s, block_size, policy))
+
+
+def plan_flops_kw(plan: Any) -> dict[str, Any]:
+    """The `specprefill_flops` keywords of a FastForward plan (its densities, block size, dense blocks)."""
+    return dict(densities=plan.densities, block_size=plan.block_size, dense_first=plan.dense_first,
+                dense_last=plan.dense_last)
 
 
 def _split_sample(ids: Tensor, seq_len: int) -> tuple[Tensor, Tensor]:
@@ -792,12 +816,14 @@ def _speculators(model: nn.Module, fraction: float) -> list[_Speculator]:
 @torch.no_grad()
 def quality_records(
     model: nn.Module, tokenizer: Any, cfg: SpecPrefillRunConfig, seed: int = 0, log: Callable[[str], None] | None = print,
+    ff_plan: PlanFactory | None = None,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Continuation NLL / top-1 agreement of dense, SpecPrefill, FastForward and the combination on eval samples.
 
     For each eval-split sample the first `seq_len` tokens are the prompt and the next `cont_len`
     the true continuation, scored by a dense teacher-forced decode from each method's prefill
-    cache. Returns (one record per sample and method, {speculator name: TokenScores of sample 0}).
+    cache. FastForward runs `ff_plan(sparsity)` (default: uniform densities, per-block oracle experts).
+    Returns (one record per sample and method, {speculator name: TokenScores of sample 0}).
     """
     from ffcore.data import token_samples
     from ffcore.engine import sparsify
@@ -808,6 +834,7 @@ def quality_records(
     method_cfg = SpecPrefillConfig(lookahead=cfg.lookahead)
     specs = _speculators(model, cfg.prefix_fraction)
     view = specs[-1]
+    plan_for = _plan_factory(ff_plan, cfg.block_size)
     sliding = any(w is not None for w in _windows(model))
     data = token_samples(tokenizer, "eval", cfg.seq_len + cfg.cont_len, cfg.n_samples, seed=seed)
     rows: list[dict[str, Any]] = []
@@ -849,16 +876,17 @@ def quality_records(
             record("specprefill, windows on cache slots", score_continuation(model, out.logits, out.cache, cont), fl,
                    speculator=view.name, keep_rate=p)
         for s in cfg.sparsities:
-            with sparsify(model, _ff_plan(s, cfg.block_size)):
+            plan = plan_for(s)
+            with sparsify(model, plan):
                 logits, cache = prefill_at(model, prompt)
-            fl = specprefill_flops(spec_main, T, all_pos, densities=1 - s, block_size=cfg.block_size)
+            fl = specprefill_flops(spec_main, T, all_pos, **plan_flops_kw(plan))
             record("fastforward", score_continuation(model, logits, cache, cont), fl, sparsity=s)
         for p in cfg.combo_keep_rates:
             for s in cfg.combo_sparsities:
-                with sparsify(model, _ff_plan(s, cfg.block_size)):
+                plan = plan_for(s)
+                with sparsify(model, plan):
                     out = speculative_prefill(model, None, prompt, p, method_cfg, scores=view_scores)
-                fl = specprefill_flops(spec_main, T, out.kept, view.spec, cfg.lookahead, densities=1 - s,
-                                       block_size=cfg.block_size)
+                fl = specprefill_flops(spec_main, T, out.kept, view.spec, cfg.lookahead, **plan_flops_kw(plan))
                 record("specprefill+fastforward", score_continuation(model, out.logits, out.cache, cont), fl,
                        speculator=view.name, keep_rate=p, sparsity=s)
         if log:
@@ -931,15 +959,16 @@ def best_point(summary: Sequence[dict[str, Any]], model: str, method: str, max_g
 @torch.no_grad()
 def ttft_records(
     model: nn.Module, tokenizer: Any, cfg: SpecPrefillRunConfig, summary: Sequence[dict[str, Any]],
-    max_gap: float = 0.05, seed: int = 0,
+    max_gap: float = 0.05, seed: int = 0, ff_plan: PlanFactory | None = None,
 ) -> list[dict[str, Any]]:
     """Measured CPU time-to-first-token (medians of repeats) of dense, the best SpecPrefill and the best combination.
 
     "Best" = `best_point` with `max_gap`. SpecPrefill's time is split into the speculator's scoring
     (prefill + look-ahead, timed once and shared by both configurations) and the main model's prefill
-    of the kept tokens. The combination runs FastForward with *random* experts: every policy computes
-    the same K experts per block, and the oracle's own dense scoring pass is not a deployable cost
-    (the trained predictor adds < 1 % FLOPs).
+    of the kept tokens. The combination runs `ff_plan(sparsity)`: pass the deployed method (trained
+    predictor + compensator) to time what a user would run. The default uses *random* experts: every
+    policy computes the same K experts per block, and the oracle's own dense scoring pass is not a
+    deployable cost.
     """
     import os
 
@@ -969,8 +998,8 @@ def ttft_records(
         kept = select_tokens(scores, point["keep_rate"], method_cfg)
         config = method_label(point).split(" [")[0]
         rows.append(row(config, "speculator", *spec_time, point))
-        ctx = sparsify(model, _ff_plan(point["sparsity"], cfg.block_size, "random")) if point["sparsity"] \
-            else contextlib.nullcontext()
+        ctx = sparsify(model, _plan_factory(ff_plan, cfg.block_size, "random")(point["sparsity"])) \
+            if point["sparsity"] else contextlib.nullcontext()
         with ctx:
             rows.append(row(config, "main prefill", *median_seconds(
                 lambda: prefill_at(model, prompt, kept), cfg.timing_repeats, 0), point))
@@ -1013,7 +1042,8 @@ def passkey_prompt(tokenizer: Any, length: int, key: str, depth: float, seed: in
 
 
 @torch.no_grad()
-def passkey_records(model: nn.Module, tokenizer: Any, cfg: SpecPrefillRunConfig, seed: int = 0) -> list[dict[str, Any]]:
+def passkey_records(model: nn.Module, tokenizer: Any, cfg: SpecPrefillRunConfig, seed: int = 0,
+                    ff_plan: PlanFactory | None = None) -> list[dict[str, Any]]:
     """Passkey retrieval (exact digits in an 8-token greedy answer) for dense, SpecPrefill, FastForward and the combination."""
     from ffcore.engine import sparsify
 
@@ -1034,7 +1064,7 @@ def passkey_records(model: nn.Module, tokenizer: Any, cfg: SpecPrefillRunConfig,
         runs += [("specprefill+fastforward", cfg.combo_keep_rates[0], max(cfg.combo_sparsities))] \
             if cfg.combo_keep_rates and cfg.combo_sparsities else []
         for method, p, s in runs:
-            ctx = sparsify(model, _ff_plan(s, cfg.block_size)) if s else contextlib.nullcontext()
+            ctx = sparsify(model, _plan_factory(ff_plan, cfg.block_size)(s)) if s else contextlib.nullcontext()
             with ctx:
                 if p is None:
                     logits, cache = prefill_at(model, prompt)

@@ -66,14 +66,15 @@ def test_coarse_kl():
 def test_generate_stops_and_respects_max(tiny):
     model, tok = tiny
     ids = tok("hello world, " * 20)["input_ids"]
-    new, prefill_s = R.generate(model, tok, ids, None, 5)
+    new, prefill_s, info = R.generate(model, tok, ids, None, 5)
+    assert info == {}  # the full prefill adds no record fields
     assert 1 <= len(new) <= 5 and prefill_s > 0
     ref = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
                          max_new_tokens=5, do_sample=False)[0, len(ids):].tolist()
     assert new == ref[: len(new)]  # KV-cached greedy decode == HF greedy
     first = tok.decode(new[:1])
     if first.strip():
-        stopped, _ = R.generate(model, tok, ids, None, 5, stop=[first.strip()[0]])
+        stopped, _, _ = R.generate(model, tok, ids, None, 5, stop=[first.strip()[0]])
         assert len(stopped) == 1
 
 

@@ -1,6 +1,7 @@
 """Run a suite (local or LongBench) under a sparsity plan, with an incremental on-disk cache.
 
-Per sample: ONE prefill of the prompt under the engine (`sparsify(model, plan)`), then a
+Per sample: ONE prefill of the prompt under the engine (`sparsify(model, plan)`) by a prefill
+method (`ffcore.evaluation.prefill`: the whole prompt by default, or SpecPrefill's kept tokens), then a
 KV-cached greedy decode (dense by default; sparse when `plan.sparse_decode`, paper Table 3)
 that stops at EOS or at the row's stop strings. Continuation rows are scored teacher-forced
 on the true next tokens after the (sparse) prefill, and compared with the dense model's
@@ -8,7 +9,8 @@ next-token distributions and greedy continuation (the dense reference is compute
 cached, and reused by every configuration).
 
 Results are cached as JSONL under `cache_dir`, one file per configuration, keyed by a hash
-of (model fingerprint, `plan.key()`, suite name and version, suite seed, optional `tag`);
+of (model fingerprint, `plan.key()`, suite name and version, suite seed, optional `tag`, and the
+prefill method's key when it is not the full prefill);
 each line is one sample's record keyed by the row's content hash, so re-running with more
 samples or after an interruption only computes what is missing.
 
@@ -31,6 +33,7 @@ import torch
 
 from ffcore.config import StrictConfig
 from ffcore.evaluation.metrics import score_prediction
+from ffcore.evaluation.prefill import FULL, PrefillMethod
 from ffcore.plan import SparsityPlan, dense_plan
 
 _MEMORY: dict[str, dict[str, dict[str, Any]]] = {}  # config key -> uid -> record (when no cache_dir)
@@ -58,11 +61,14 @@ def is_dense(plan: SparsityPlan | None) -> bool:
     return plan.compensator is None and all(float(d) >= 1.0 for d in dens)
 
 
-def config_key(model_fp: str, plan: SparsityPlan | None, suite: str, seed: int, tag: str = "") -> str:
-    """Hash of (model fingerprint, plan key, suite name/version, seed, tag): one cache file per value."""
+def config_key(model_fp: str, plan: SparsityPlan | None, suite: str, seed: int, tag: str = "",
+               prefill: str = "") -> str:
+    """Hash of (model fingerprint, plan key, suite name/version, seed, tag, prefill method key): one cache file per value."""
     plan_key = (plan or dense_plan()).key()
-    blob = json.dumps({"model": model_fp, "plan": plan_key, "suite": suite, "seed": int(seed), "tag": tag},
-                      sort_keys=True)
+    fields = {"model": model_fp, "plan": plan_key, "suite": suite, "seed": int(seed), "tag": tag}
+    if prefill:  # the full prefill adds nothing, so caches written before prefill methods existed stay valid
+        fields["prefill"] = prefill
+    blob = json.dumps(fields, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -133,9 +139,9 @@ def _ctx(model: Any, plan: SparsityPlan | None) -> Any:
 @torch.no_grad()
 def greedy_decode(
     model: Any, tokenizer: Any, first_logits: torch.Tensor, cache: Any, max_new_tokens: int,
-    stop: Sequence[str] = (), eos: Iterable[int] = (),
+    stop: Sequence[str] = (), eos: Iterable[int] = (), method: PrefillMethod = FULL,
 ) -> list[int]:
-    """Greedy tokens from a prefilled KV cache (call inside `sparsify` for a sparse decode)."""
+    """Greedy tokens from a prefilled state of `method` (call inside `sparsify` for a sparse decode)."""
     eos = set(eos)
     dev = first_logits.device
     logits, new = first_logits, []
@@ -146,26 +152,24 @@ def greedy_decode(
             break
         if step == max_new_tokens - 1:
             break
-        out = model(input_ids=torch.tensor([[nxt]], device=dev), past_key_values=cache, use_cache=True)
-        cache, logits = out.past_key_values, out.logits[0, -1]
+        logits = method.extend(model, cache, torch.tensor([[nxt]], device=dev))[-1]  # the cache grows in place
     return new
 
 
 @torch.no_grad()
 def generate(
     model: Any, tokenizer: Any, prompt_ids: Sequence[int], plan: SparsityPlan | None, max_new_tokens: int,
-    stop: Sequence[str] = (),
-) -> tuple[list[int], float]:
-    """(new token ids, prefill seconds): one prefill under the plan, then a KV-cached greedy decode."""
+    stop: Sequence[str] = (), method: PrefillMethod = FULL,
+) -> tuple[list[int], float, dict[str, Any]]:
+    """(new token ids, prefill seconds, the method's record fields): one prefill under the plan, then greedy decode."""
     dev = next(model.parameters()).device
     ids = torch.tensor([list(prompt_ids)], device=dev)
     with _ctx(model, plan):
         t0 = time.perf_counter()
-        out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+        first, state, info = method.prefill(model, ids)
         prefill_s = time.perf_counter() - t0
-        new = greedy_decode(model, tokenizer, out.logits[0, -1], out.past_key_values, max_new_tokens, stop,
-                            _eos_ids(model, tokenizer))
-    return new, prefill_s
+        new = greedy_decode(model, tokenizer, first, state, max_new_tokens, stop, _eos_ids(model, tokenizer), method)
+    return new, prefill_s, info
 
 
 # ----------------------------------------------------------------- continuation scoring
@@ -189,27 +193,22 @@ def coarse_kl(ref_ids: torch.Tensor, ref_logp: torch.Tensor, logp: torch.Tensor)
 @torch.no_grad()
 def _continuation(
     model: Any, tokenizer: Any, row: dict[str, Any], plan: SparsityPlan | None, ref: dict[str, Any] | None,
-    topk: int, max_new: int,
+    topk: int, max_new: int, method: PrefillMethod = FULL,
 ) -> dict[str, Any]:
     dev = next(model.parameters()).device
     target = torch.tensor(row["target_ids"], device=dev)
     with _ctx(model, plan):
         t0 = time.perf_counter()
-        out = model(input_ids=torch.tensor([row["prompt_ids"]], device=dev), use_cache=True, logits_to_keep=1)
+        first, cache, info = method.prefill(model, torch.tensor([row["prompt_ids"]], device=dev))
         prefill_s = time.perf_counter() - t0
-        first, cache = out.logits[0, -1], out.past_key_values
         tf_cache = copy.deepcopy(cache)
-        greedy = greedy_decode(model, tokenizer, first, cache, max_new, (), _eos_ids(model, tokenizer))
+        greedy = greedy_decode(model, tokenizer, first, cache, max_new, (), _eos_ids(model, tokenizer), method)
         if plan is not None and plan.sparse_decode and not is_dense(plan):  # sparse decode: token by token
-            steps = []
-            for tok in target[:-1].tolist():
-                o = model(input_ids=torch.tensor([[tok]], device=dev), past_key_values=tf_cache, use_cache=True)
-                tf_cache = o.past_key_values
-                steps.append(o.logits[0, -1])
-            tf_logits = torch.stack(steps) if steps else first[:0]
+            steps = [method.extend(model, tf_cache, torch.tensor([[tok]], device=dev))[-1]
+                     for tok in target[:-1].tolist()]
+            tf_logits = torch.stack(steps) if steps else first[None][:0]
     if plan is None or not plan.sparse_decode or is_dense(plan):  # dense decode: one teacher-forced forward
-        tf_logits = (model(input_ids=target[None, :-1], past_key_values=tf_cache, use_cache=True).logits[0]
-                     if len(target) > 1 else first[None][:0])
+        tf_logits = method.extend(model, tf_cache, target[None, :-1]) if len(target) > 1 else first[None][:0]
     logp = torch.cat([first[None], tf_logits]).float().log_softmax(-1)  # [P, V], P = len(target)
     nll = -logp.gather(1, target[:, None])[:, 0]
     argmax = logp.argmax(-1)
@@ -238,7 +237,7 @@ def _continuation(
         "greedy_prefix": prefix / max(1, len(ref_greedy)),
     }
     rec = {"score": metrics["token_acc"], "metrics": metrics, "new_ids": greedy, "prefill_s": prefill_s,
-           "prediction": tokenizer.decode(greedy, skip_special_tokens=True)}
+           "prediction": tokenizer.decode(greedy, skip_special_tokens=True), **info}
     if own_ref is not None:
         rec["ref"] = own_ref
     return rec
@@ -249,17 +248,17 @@ def _continuation(
 
 def _run_row(
     model: Any, tokenizer: Any, row: dict[str, Any], plan: SparsityPlan | None, ref: dict[str, Any] | None,
-    cfg: RunConfig,
+    cfg: RunConfig, method: PrefillMethod = FULL,
 ) -> dict[str, Any]:
     max_new = row["max_new_tokens"] if cfg.max_new_tokens_cap is None else min(row["max_new_tokens"], cfg.max_new_tokens_cap)
     t0 = time.perf_counter()
     if row["kind"] == "continuation":
-        rec = _continuation(model, tokenizer, row, plan, ref, cfg.ref_topk, max_new)
+        rec = _continuation(model, tokenizer, row, plan, ref, cfg.ref_topk, max_new, method)
     else:
-        new, prefill_s = generate(model, tokenizer, row["prompt_ids"], plan, max_new, row["stop"])
+        new, prefill_s, info = generate(model, tokenizer, row["prompt_ids"], plan, max_new, row["stop"], method)
         pred = tokenizer.decode(new, skip_special_tokens=True)
         score = score_prediction(pred, row["answers"], row["metric"], row["all_classes"], row["first_line_only"])
-        rec = {"score": score, "metrics": {}, "new_ids": new, "prefill_s": prefill_s, "prediction": pred}
+        rec = {"score": score, "metrics": {}, "new_ids": new, "prefill_s": prefill_s, "prediction": pred, **info}
     rec.update({
         "uid": row["uid"], "task": row["task"], "category": row["category"], "chance": row["chance"],
         "n_prompt_tokens": len(row["prompt_ids"]), "n_new_tokens": len(rec["new_ids"]),
@@ -271,12 +270,14 @@ def _run_row(
 def evaluate(
     model: Any, tokenizer: Any, dataset: Any, plan: SparsityPlan | None = None,
     cache_dir: str | Path | None = None, tag: str = "", config: RunConfig | None = None,
+    method: PrefillMethod = FULL,
 ) -> list[dict[str, Any]]:
-    """Per-sample records of `dataset` (suite or LongBench rows) under `plan` (None = dense), cached.
+    """Per-sample records of `dataset` (suite or LongBench rows) under `plan` (None = dense) and a prefill method, cached.
 
     Each record: uid, task, category, score, chance, prediction, metrics (continuation: nll,
-    dense_nll, kl, top1_agree, greedy_agree, greedy_prefix, token_acc), timings. The dense
-    reference needed by continuation rows is evaluated (or read from the cache) first.
+    dense_nll, kl, top1_agree, greedy_agree, greedy_prefix, token_acc), timings, and the prefill
+    method's own fields (SpecPrefill: kept tokens). The dense reference needed by continuation rows
+    (full prefill, dense plan) is evaluated (or read from the cache) first.
     """
     from ffcore.models import model_fingerprint
 
@@ -288,7 +289,7 @@ def evaluate(
     groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
     for r in rows:
         groups.setdefault((suite_id(r), int(r["seed"])), []).append(r)
-    dense = is_dense(plan)
+    dense = is_dense(plan) and not method.key  # the reference itself: dense plan, full prefill
     out: dict[str, dict[str, Any]] = {}
     for (suite, seed), group in groups.items():
         refs: dict[str, dict[str, Any]] = {}
@@ -296,14 +297,15 @@ def evaluate(
         if cont and not dense:
             for rec in evaluate(model, tokenizer, cont, dense_plan(), cache_dir, "", cfg):
                 refs[rec["uid"]] = rec["ref"]
-        key = config_key(model_fp, plan, suite, seed, "" if dense else tag)
+        key = config_key(model_fp, plan, suite, seed, "" if is_dense(plan) else tag, method.key)
         meta = {"model": model_fp, "model_name": getattr(model, "ffcore_name", None),
-                "plan": (plan or dense_plan()).describe(), "suite": suite, "seed": seed, "tag": tag}
+                "plan": (plan or dense_plan()).describe(), "suite": suite, "seed": seed, "tag": tag,
+                **({"prefill": method.key} if method.key else {})}
         cache = ResultCache(cache_dir, key, meta)
         todo = [r for r in group if r["uid"] not in cache.records]
-        bar = _progress(todo, cfg.progress, f"{meta['model_name'] or 'model'} {(plan or dense_plan()).policy_name}")
-        for r in bar:
-            cache.add(_run_row(model, tokenizer, r, plan, refs.get(r["uid"]), cfg))
+        desc = f"{meta['model_name'] or 'model'} {(plan or dense_plan()).policy_name}{' + ' + method.key[:24] if method.key else ''}"
+        for r in _progress(todo, cfg.progress, desc):
+            cache.add(_run_row(model, tokenizer, r, plan, refs.get(r["uid"]), cfg, method))
         for r in group:
             out[r["uid"]] = cache.records[r["uid"]]
     return [out[r["uid"]] for r in rows]
@@ -320,10 +322,15 @@ def _progress(items: list[Any], on: bool, desc: str) -> Any:
 def run_configs(
     model: Any, tokenizer: Any, dataset: Any, plans: dict[str, SparsityPlan | None],
     cache_dir: str | Path | None = None, tags: dict[str, str] | None = None, config: RunConfig | None = None,
+    methods: dict[str, PrefillMethod] | None = None,
 ) -> dict[str, list[dict[str, Any]]]:
-    """Evaluate several named plans (include a dense one, e.g. `{'dense': None, ...}`); dense reused via the cache."""
-    tags = tags or {}
-    return {name: evaluate(model, tokenizer, dataset, plan, cache_dir, tags.get(name, ""), config)
+    """Evaluate several named plans (include a dense one, e.g. `{'dense': None, ...}`); dense reused via the cache.
+
+    `methods` names a prefill method per configuration (default: the full prefill).
+    """
+    tags, methods = tags or {}, methods or {}
+    return {name: evaluate(model, tokenizer, dataset, plan, cache_dir, tags.get(name, ""), config,
+                           methods.get(name, FULL))
             for name, plan in plans.items()}
 
 

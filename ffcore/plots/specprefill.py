@@ -14,6 +14,7 @@ SERIES_STYLE = {  # method -> (colour, marker)
     "fastforward": (PALETTE[2], "^"),
     "specprefill+fastforward": (PALETTE[3], "D"),
     "specprefill, windows on cache slots": (PALETTE[4], "x"),
+    "specprefill, last chunk not forced": (PALETTE[5 % len(PALETTE)], "v"),
 }
 
 
@@ -59,11 +60,13 @@ def _series_label(key: str, rows: Sequence[Mapping[str, Any]]) -> str:
     if key == "specprefill/first":
         return f"SpecPrefill, {rows[0]['speculator']} speculator (keep rate)"
     if key == "fastforward":
-        return "FastForward alone, oracle experts (sparsity)"
+        return "FastForward alone (sparsity)"
     if key == "specprefill+fastforward":
         return f"SpecPrefill [{rows[0]['speculator']}] + FastForward (keep rate / sparsity)"
     if key == "specprefill, windows on cache slots":
         return f"SpecPrefill [{rows[0]['speculator']}], sliding windows on cache slots"
+    if key == "specprefill, last chunk not forced":
+        return f"SpecPrefill [{rows[0]['speculator']}], last chunk (the question) not forced in"
     return f"{key} (keep rate)"
 
 
@@ -75,8 +78,15 @@ def _annotation(key: str, row: Mapping[str, Any]) -> str:
     return f"{row['keep_rate']}"
 
 
-def pareto(summary: Sequence[Mapping[str, Any]]) -> plt.Figure:
-    """Compute-bound FLOP speedup vs relative continuation-NLL gap to dense, one panel per model."""
+def pareto(
+    summary: Sequence[Mapping[str, Any]], gap_key: str = "rel_nll_gap", scale: float = 100.0,
+    ylabel: str = "continuation NLL vs dense (%)", ci_keys: tuple[str, str] | None = None,
+) -> plt.Figure:
+    """Compute-bound FLOP speedup vs a relative loss to dense (up = worse), one panel per model.
+
+    Defaults plot notebook 08's continuation-NLL summary; `gap_key` / `scale` / `ci_keys` select
+    another loss (e.g. the suite's accuracy loss in percent with its bootstrap interval).
+    """
     models = list(dict.fromkeys(r["model"] for r in summary))
     fig, axes = plt.subplots(1, len(models), figsize=(6.4 * len(models), 4.8), squeeze=False)
     for ax, model in zip(axes[0], models):
@@ -84,13 +94,20 @@ def pareto(summary: Sequence[Mapping[str, Any]]) -> plt.Figure:
         series: dict[str, list[Mapping[str, Any]]] = {}
         for r in rows:
             series.setdefault(_series_key(r), []).append(r)
-        regular = [100 * r["rel_nll_gap"] for r in rows if _series_key(r) != "specprefill, windows on cache slots"]
+        regular = [scale * r[gap_key] for r in rows if _series_key(r) != "specprefill, windows on cache slots"]
+        if ci_keys:
+            regular += [scale * r[k] for r in rows for k in ci_keys]
+        regular = [v for v in regular if np.isfinite(v)]  # an undefined gap (dense scored 0) is not drawn
         top = max(regular + [1.0]) * 1.25  # an ablation far off this scale is drawn at the top edge
         for key, rs in series.items():
             colour, marker = SERIES_STYLE.get(key, ("#333333", "o"))
             rs = sorted(rs, key=lambda r: (r.get("sparsity") or 0, r["flops_speedup"]))
             x = [r["flops_speedup"] for r in rs]
-            y = [100 * r["rel_nll_gap"] for r in rs]
+            y = [scale * r[gap_key] for r in rs]
+            if ci_keys:
+                lo = [yi - scale * r[ci_keys[0]] for r, yi in zip(rs, y)]
+                hi = [scale * r[ci_keys[1]] - yi for r, yi in zip(rs, y)]
+                ax.errorbar(x, y, yerr=[lo, hi], fmt="none", ecolor=colour, alpha=0.35, lw=1, capsize=2)
             if any(v > top for v in y):
                 for xi, yi in zip(x, y):
                     if yi > top:
@@ -109,7 +126,7 @@ def pareto(summary: Sequence[Mapping[str, Any]]) -> plt.Figure:
         lo = min(regular + [0.0])
         ax.set_ylim(lo - 0.08 * (top - lo), top)
         ax.set_xlabel("compute-bound prefill speedup (FLOPs, speculator included)")
-        ax.set_ylabel("continuation NLL vs dense (%)")
+        ax.set_ylabel(ylabel)
         ax.set_title(model)
         ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=1)
     fig.tight_layout()
