@@ -237,6 +237,36 @@ class ErrorCompensator(nn.Module):
         c = self.layer_correction(layer, x.unsqueeze(0), None if drop is None else drop.unsqueeze(0))[0]
         return c.to(device=x.device, dtype=x.dtype)
 
+    def block_corrections(self, layer: int, x: Tensor, spans: Sequence[tuple[int, int]],
+                          idx: Tensor | None = None) -> Tensor:
+        """Corrections of all sparse blocks of one layer in one call (the engine's fast path).
+
+        x [T, d] (the layer's FFN input), spans [(start, end)] * b, idx [b, K] (kept experts per block)
+        -> [sum(end - start), d]: the rows of the spans, in order. Equal to calling `forward` block by
+        block, but two matmuls per layer instead of two per block.
+        """
+        if not isinstance(layer, int) or not 0 <= layer < self.L:
+            raise IndexError(f"layer {layer!r} out of range for a {self.L}-layer compensator")
+        if x.dim() != 2 or x.shape[-1] != self.d:
+            raise ValueError(f"x must be [T, {self.d}] (the layer's FFN input), got {tuple(x.shape)}")
+        if not spans:
+            return x.new_zeros(0, self.d)
+        contiguous = all(spans[j][1] == spans[j + 1][0] for j in range(len(spans) - 1))
+        rows = x[spans[0][0]:spans[-1][1]] if contiguous else torch.cat([x[s:e] for s, e in spans])  # [N, d]
+        shift = gain = None
+        if self.variant == "masked":
+            if idx is None or idx.dim() != 2 or idx.shape[0] != len(spans):
+                raise ValueError(f"the masked compensator needs kept experts idx [{len(spans)}, K], got "
+                                 f"{None if idx is None else tuple(idx.shape)}")
+            drop = torch.ones(len(spans), self.f, device=self.w1.device, dtype=self.w1.dtype)
+            drop.scatter_(1, idx.to(device=self.w1.device, dtype=torch.long), 0.0)  # [b, f], 1 = dropped
+            lengths = torch.tensor([e - s for s, e in spans], device=self.w1.device)
+            shift, gain = (t.repeat_interleave(lengths, 0) for t in self.mask_terms(layer, drop))  # [b, r] -> [N, r]
+        c = compensate(rows.to(self.w1), self.w1[layer], self.w2[layer], self.act,
+                       None if self.b1 is None else self.b1[layer], None if self.b2 is None else self.b2[layer],
+                       shift, gain)
+        return c.to(device=x.device, dtype=x.dtype)
+
     def __repr__(self) -> str:
         return (f"ErrorCompensator(variant={self.variant!r}, L={self.L}, d={self.d}, f={self.f}, r={self.r}, "
                 f"act={self.act!r}, bias={self.bias})")

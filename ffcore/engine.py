@@ -75,12 +75,28 @@ class SparseMLP(nn.Module):
                 _check_idx(idx, len(sparse), k, fused.f, st.policy)
             y = block_sparse_ffn(xb, fused, dense, sparse, idx, self.original, st.group, st.backend)
             if plan.compensator is not None and sparse:
-                for j, (s, e) in enumerate(sparse):
-                    y[s:e] += plan.compensator(self.layer, xb[s:e], idx[j])
+                add_corrections(plan.compensator, self.layer, xb, y, sparse, idx)
             rows.append(y)
         st.stats["sparse_tokens"] += x.shape[0] * sum(e - s for s, e in sparse)
         st.stats["dense_tokens"] += x.shape[0] * sum(e - s for s, e in dense)
         return torch.stack(rows)
+
+
+def add_corrections(comp: Any, layer: int, x: Tensor, y: Tensor, spans: list[tuple[int, int]], idx: Tensor) -> None:
+    """y[spans] += the compensator's corrections: all blocks in one call when it has `block_corrections`.
+
+    x, y [T, d]; idx [b, K]. Any other callable `comp(layer, x_block, idx_block)` is called per block.
+    """
+    batched = getattr(comp, "block_corrections", None)
+    if batched is None:
+        for j, (s, e) in enumerate(spans):
+            y[s:e] += comp(layer, x[s:e], idx[j])
+        return
+    c = batched(layer, x, spans, idx)  # [sum of span lengths, d], rows in span order
+    row = 0
+    for s, e in spans:
+        y[s:e] += c[row:row + e - s]
+        row += e - s
 
 
 def _check_idx(idx: Tensor, n_blocks: int, k: int, f: int, policy: Any) -> None:

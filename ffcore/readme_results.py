@@ -78,6 +78,22 @@ def comparison_table(rows: Sequence[Row]) -> str:
                       "paper found"], body)
 
 
+def kl_comparison_table(rows: Sequence[Row]) -> str:
+    """The ablation pairs judged by the continuation task's KL to dense (notebook 06): lower = closer to dense."""
+    def paper(r: Row) -> str:
+        expect, agree = r.get("paper_expects", "none"), r.get("agrees_with_paper")
+        if expect in (None, "none") or agree is None:
+            return "-"
+        return f"{expect} ({'consistent' if agree else 'not consistent'})"
+
+    body = [[r.get("model", "?"), f"{r.get('other', '?')} vs {r.get('reference', '?')}",
+             f"{_num(r.get('other_kl'), 4)} vs {_num(r.get('reference_kl'), 4)}",
+             f"{_num(r.get('kl_change_pct'), 1, True)} {_ci(r.get('ci_low'), r.get('ci_high'), 1, True)}",
+             "yes" if r.get("resolved") else "no", paper(r)] for r in rows]
+    return _md_table(["model", "comparison", "KL to dense", "KL change, % [95 % CI]", "CI excludes 0", "paper found"],
+                     body)
+
+
 def predictor_table(rows: Sequence[Row]) -> str:
     """Notebook 03's layer-mean selection quality at 50 % density: recall and captured oracle mass per policy."""
     body = [[r.get("model", "?"), r.get("policy", "?"), _num(r.get("recall"), 3), _num(r.get("mass"), 3)]
@@ -132,6 +148,17 @@ def specprefill_table(rows: Sequence[Row]) -> str:
     return _md_table(["model", "configuration", "FLOP speedup", "continuation NLL vs dense, %", "samples"], body)
 
 
+def specprefill_suite_table(rows: Sequence[Row]) -> str:
+    """Notebook 08 on the local suite: kept tokens, compute-bound speedup, average score and gap to dense [CI]."""
+    body = [[r.get("model", "?"), str(r.get("config", "?")), _num(r.get("kept_fraction"), 2),
+             _num(r.get("flops_speedup"), 2), f"{_num(r.get('average'))} {_ci(r.get('average_ci_low'), r.get('average_ci_high'))}",
+             "0 (reference)" if r.get("method") == "dense" else
+             f"{_num(r.get('rel_gap_pct'), 2, True)} {_ci(r.get('rel_gap_ci_low'), r.get('rel_gap_ci_high'), 1, True)}",
+             str(r.get("n_samples", "?"))] for r in rows]
+    return _md_table(["model", "configuration", "kept tokens", "FLOP speedup", "average (0-100) [95 % CI]",
+                      "rel. gap to dense, % [95 % CI]", "samples"], body)
+
+
 @dataclasses.dataclass(frozen=True)
 class Section:
     """One table of the results block: its result file, heading, renderer and the notebook that writes it."""
@@ -155,10 +182,14 @@ SECTIONS: tuple[Section, ...] = (
     Section("06_table6", "Error compensator (paper Table 6)", accuracy_table, "06_ablations"),
     Section("06_table7", "Expert selection (paper Table 7)", accuracy_table, "06_ablations"),
     Section("06_comparisons", "Ablations: paired comparisons", comparison_table, "06_ablations"),
+    Section("06_kl_comparisons", "Ablations judged by the continuation task's KL to the dense model (lower = closer)",
+            kl_comparison_table, "06_ablations"),
     Section("07_ffn_bench_cpu", "FFN module on CPU, 50 % density: measured vs FLOP-ideal speedup (paper Fig. 6)",
             ffn_speed_table, "07_speedups"),
     Section("07_ttft_cpu", "Time to first token on CPU, dense vs FastForward", ttft_table, "07_speedups"),
-    Section("08_specprefill_summary", "SpecPrefill, FastForward (oracle experts) and their combination",
+    Section("08_specprefill_suite", "SpecPrefill, FastForward and their combination on the local suite",
+            specprefill_suite_table, "08_specprefill"),
+    Section("08_specprefill_summary", "SpecPrefill, FastForward and their combination: continuation NLL",
             specprefill_table, "08_specprefill"),
 )
 

@@ -141,3 +141,32 @@ def test_suite_pareto_draws_intervals_and_skips_undefined_gaps():
     lo, hi = ax.get_ylim()
     assert lo < -1.0 and hi >= 12.0  # the interval [-1, 12] (loss = -gap) is inside the axes
     assert ax.get_ylabel() == "loss (%)"
+
+
+def test_answer_kept_and_retrieval_rows():
+    class Tok:  # a whitespace tokenizer with offsets
+        def __call__(self, text, return_offsets_mapping=False):
+            import re
+            spans = [(m.start(), m.end()) for m in re.finditer(r"\S+", text)]
+            return {"input_ids": list(range(len(spans))), "offset_mapping": spans}
+
+    row = {"uid": "u", "task": "passkey", "prompt": "a b 123 c d 123 e", "answers": ["123"]}
+    assert ST.answer_kept(row, {"score": 1.0}, Tok()) == 1.0  # a full prefill keeps everything
+    assert ST.answer_kept(row, {"kept_ranges": [[0, 2], [6, 7]]}, Tok()) == 0.0  # both copies (tokens 2, 5) dropped
+    assert ST.answer_kept(row, {"kept_ranges": [[5, 7]]}, Tok()) == 1.0  # the second copy is enough
+    recs = {"dense": [{"uid": "u", "task": "passkey", "score": 1.0}],
+            "sp": [{"uid": "u", "task": "passkey", "score": 0.0, "kept_ranges": [[0, 2]]}]}
+    rows = ST.retrieval_rows("m", [row], recs, Tok())
+    assert [(r["config"], r["score"], r["answer_kept"]) for r in rows] == [("dense", 100.0, 1.0), ("sp", 0.0, 0.0)]
+
+
+def test_last_chunk_rows():
+    specs = ST.suite_specs([0.5], [], no_last_keep_rates=[0.5])
+    recs = {"SpecPrefill p=0.5": [{"uid": "a", "n_prompt_tokens": 100, "kept_ranges": [[0, 32], [64, 100]]},
+                                  {"uid": "b", "n_prompt_tokens": 100, "kept_ranges": [[0, 64], [96, 100]]}],
+            "SpecPrefill p=0.5, last chunk not forced": [
+                {"uid": "a", "n_prompt_tokens": 100, "kept_ranges": [[0, 32], [64, 100]]},
+                {"uid": "b", "n_prompt_tokens": 100, "kept_ranges": [[0, 64], [99, 100]]}]}
+    (row,) = ST.last_chunk_rows("m", specs, recs, chunk_size=32)
+    assert row["compared_with"] == "SpecPrefill p=0.5" and row["prompts"] == 2
+    assert row["same_selection_as_forced"] == 1 and row["last_chunk_kept_on_its_score"] == 1

@@ -89,3 +89,16 @@ def test_continuation_table():
                                                     "greedy_agree": 1.0, "greedy_prefix": 1.0, "token_acc": 0.5}}
     rows = S.continuation_table({"dense": [rec(2.0, 2.0, 0.0)], "sparse": [rec(2.2, 2.0, 0.1)]})
     assert rows[1]["nll_change_pct"] == pytest.approx(10.0) and rows[1]["kl"] == 0.1
+
+
+def test_paired_metric_change():
+    def recs(kls, prefix=""):
+        return [{"uid": f"c{i}", "task": "continuation", "metrics": {"kl": k}} for i, k in enumerate(kls)] + [
+            {"uid": "p0", "task": "passkey", "metrics": {}}]
+    c = S.paired_metric_change(recs([0.1, 0.2, 0.3]), recs([0.2, 0.4, 0.6]), n_boot=500)
+    assert c["n"] == 3 and c["rel_change_pct"] == pytest.approx(100.0)
+    assert c["ci"][0] == pytest.approx(100.0) and c["ci"][1] == pytest.approx(100.0)  # every resample doubles
+    noisy = S.paired_metric_change(recs([0.1, 0.2, 0.3]), recs([0.05, 0.4, 0.3]), n_boot=500)
+    assert noisy["ci"][0] < noisy["rel_change_pct"] < noisy["ci"][1]
+    with pytest.raises(ValueError, match="shared"):
+        S.paired_metric_change(recs([0.1]), [{"uid": "x", "task": "continuation", "metrics": {"kl": 0.1}}])

@@ -167,6 +167,8 @@ def test_run_table_is_incremental_and_shares_rows(comps, suite, tmp_path, monkey
         assert 0 <= r["average"] <= 100 and r["average_ci_low"] <= r["average"] + 1e-9
     assert json.dumps(t4.rows[0]["rel_gap_pct"]) in ("0.0", "NaN")  # random model: dense may score 0
     assert {c["other"] for c in t4.comparisons} == {"uniform 50%"}
+    assert [(c["reference"], c["other"], c["n"]) for c in t4.kl] == [("layer-wise 50%", "uniform 50%", 1)]
+    assert "uniform 50%" in T.kl_verdict(t4.kl)
     assert {r["config"] for r in t4.continuation} == {"dense", "layer-wise 50%", "uniform 50%"}
     assert {(r["config"], r["task"]) for r in t4.tasks} == {
         (c, t) for c in ("dense", "layer-wise 50%", "uniform 50%") for t in ("passkey", "continuation")}
@@ -194,7 +196,7 @@ def test_run_table_is_incremental_and_shares_rows(comps, suite, tmp_path, monkey
     # only kept tasks run: a task subset runs nothing new
     calls.clear()
     one = T.run_table("table4", {"tiny-llama": comps}, {"tiny-llama": suite}, {"tiny-llama": ["passkey"]}, cfg, cache)
-    assert calls == [] and {r["n_tasks"] for r in one.rows} == {1} and not one.continuation
+    assert calls == [] and {r["n_tasks"] for r in one.rows} == {1} and not one.continuation and not one.kl
     with pytest.raises(ValueError, match="no task is kept"):
         T.run_table("table4", {"tiny-llama": comps}, {"tiny-llama": suite}, {"tiny-llama": []}, cfg, cache)
 
@@ -291,3 +293,18 @@ def test_charts(tmp_path):
     with pytest.raises(ValueError):
         A.table_chart([], "empty")
     json.dumps(rows)  # rows are JSON-serialisable
+
+
+def test_kl_comparisons_and_verdict():
+    def recs(kls):
+        return [{"uid": f"c{i}", "task": "continuation", "metrics": {"kl": k}} for i, k in enumerate(kls)]
+    results = {"+ dense first & last": recs([0.02, 0.03, 0.025]), "all blocks sparse": recs([0.06, 0.07, 0.05]),
+               "+ dense first": recs([0.021, 0.029, 0.026])}
+    rows = T.kl_comparisons("table5", "m", results, T.comparison_pairs("table5"), n_boot=500)
+    by = {(r["reference"], r["other"]): r for r in rows}
+    worse = by[("+ dense first & last", "all blocks sparse")]
+    assert worse["kl_change_pct"] > 100 and worse["resolved"] and worse["agrees_with_paper"] is True
+    assert by[("+ dense first & last", "+ dense first")]["agrees_with_paper"] in (True, False)
+    text = T.kl_verdict(rows)
+    assert text.count("\n") == 2 and "further from dense" in text and "consistent" in text
+    assert T.kl_comparisons("table5", "m", {k: [] for k in results}, T.comparison_pairs("table5")) == []

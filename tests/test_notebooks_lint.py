@@ -6,6 +6,7 @@ counts); functions defined in notebooks stay short (logic belongs in ffcore/).
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import nbformat
@@ -24,6 +25,9 @@ NOTEBOOK_PARAMS = [pytest.param(p, id=p.name) for p in ALL_NOTEBOOKS] or [
 @pytest.mark.parametrize("path", NOTEBOOK_PARAMS)
 def test_notebook_follows_house_rules(path: Path) -> None:
     assert nbs._NUMBERED.match(path.name), f"{path.name}: name it NN_topic.ipynb or the runner skips it"
+    raw = json.loads(path.read_text())  # nbformat.read fills in missing cell ids, with only a warning
+    ids = [c.get("id") for c in raw["cells"]]
+    assert None not in ids and len(set(ids)) == len(ids), f"{path.name}: every cell needs a unique id (nbformat 4.5)"
     nb = nbs.read(path)
     nbformat.validate(nb)
     problems = nbs.lint_notebook(nb)

@@ -130,3 +130,20 @@ def test_speed_compensator_and_specprefill_tables():
              "flops_speedup": 1.808, "rel_nll_gap": 0.0371, "n_samples": 4}]
     text = RR.specprefill_table(spec)
     assert "specprefill keep 0.3 [first 8 layers] | 1.81 | +3.71 | 4" in text and "| dense |" not in text
+
+
+def test_kl_and_specprefill_suite_tables():
+    kl = [{"model": "m", "reference": "+ dense first & last", "other": "all blocks sparse", "reference_kl": 0.025,
+           "other_kl": 0.0616, "kl_change_pct": 146.6, "ci_low": 90.1, "ci_high": 210.0, "resolved": True,
+           "paper_expects": "worse", "agrees_with_paper": True}]
+    assert ("| m | all blocks sparse vs + dense first & last | 0.0616 vs 0.0250 | +146.6 [+90.1, +210.0] | yes | "
+            "worse (consistent) |") in RR.kl_comparison_table(kl)
+    suite = [{"model": "m", "config": "dense", "method": "dense", "kept_fraction": 1.0, "flops_speedup": 1.0,
+              "average": 50.0, "average_ci_low": 40.0, "average_ci_high": 60.0, "rel_gap_pct": 0.0,
+              "rel_gap_ci_low": 0.0, "rel_gap_ci_high": 0.0, "n_samples": 20},
+             {"model": "m", "config": "SpecPrefill p=0.5", "method": "specprefill", "kept_fraction": 0.51,
+              "flops_speedup": 1.234, "average": 45.0, "average_ci_low": 35.0, "average_ci_high": 55.0,
+              "rel_gap_pct": -10.0, "rel_gap_ci_low": -20.0, "rel_gap_ci_high": 1.5, "n_samples": 20}]
+    text = RR.specprefill_suite_table(suite)
+    assert "| m | dense | 1.00 | 1.00 | 50.0 [40.0, 60.0] | 0 (reference) | 20 |" in text
+    assert "| m | SpecPrefill p=0.5 | 0.51 | 1.23 | 45.0 [35.0, 55.0] | -10.00 [-20.0, +1.5] | 20 |" in text

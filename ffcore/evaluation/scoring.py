@@ -166,6 +166,32 @@ def continuation_table(results: Mapping[str, Records], task: str = "continuation
     return rows
 
 
+def paired_metric_change(
+    reference: Records, other: Records, metric: str = "kl", task: str = "continuation", n_boot: int = 2000,
+    level: float = 0.95, seed: int = 0,
+) -> dict[str, Any]:
+    """Relative change (%) of a continuation metric's mean, other vs reference, with a paired bootstrap CI over samples.
+
+    Samples are matched by uid; the bootstrap resamples samples (not tokens: a sample's tokens are correlated).
+    """
+    ref = {r["uid"]: r["metrics"][metric] for r in reference if r["task"] == task}
+    oth = {r["uid"]: r["metrics"][metric] for r in other if r["task"] == task}
+    uids = sorted(set(ref) & set(oth))
+    if not uids:
+        raise ValueError(f"no {task!r} sample is shared by the two configurations")
+    a = np.array([ref[u] for u in uids])
+    b = np.array([oth[u] for u in uids])
+    change = (b.mean() / a.mean() - 1) * 100 if a.mean() > 0 else float("nan")
+    idx = np.random.default_rng(seed).integers(0, len(uids), size=(n_boot, len(uids)))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        boot = (b[idx].mean(1) / a[idx].mean(1) - 1) * 100
+    alpha = (1 - level) / 2
+    lo, hi = (float(np.nanquantile(boot, q)) for q in (alpha, 1 - alpha)) if np.isfinite(boot).any() else (
+        float("nan"), float("nan"))
+    return {"metric": metric, "n": len(uids), "reference_mean": float(a.mean()), "other_mean": float(b.mean()),
+            "rel_change_pct": float(change), "ci": (lo, hi)}
+
+
 @dataclasses.dataclass
 class TaskSelection:
     """Which tasks a model's dense scores make worth measuring (see `select_tasks`)."""

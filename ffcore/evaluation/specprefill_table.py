@@ -168,3 +168,73 @@ def run_suite_table(
             **{k: 100 * v for k, v in s.items() if k.startswith("task:")},
         })
     return SuiteTable(out, results)
+
+
+# ------------------------------------------------------------------------------ diagnostics
+def answer_kept(row: Mapping[str, Any], record: Mapping[str, Any], tokenizer: Any) -> float:
+    """1.0 if every token of the answer (in at least one place it occurs in the prompt) was kept, else 0.0; NaN if unknown.
+
+    For the retrieval tasks the answer string is in the prompt (the value of the queried key, the pass
+    key): if SpecPrefill dropped it, no model can answer. Full prefills (no `kept_ranges`) keep it.
+    """
+    if "kept_ranges" not in record:
+        return 1.0
+    answer = row["answers"][0] if row["answers"] else ""
+    try:
+        offsets = tokenizer(row["prompt"], return_offsets_mapping=True)["offset_mapping"]
+    except (NotImplementedError, TypeError, ValueError, KeyError):  # slow / byte-level tokenizers: no offsets
+        return float("nan")
+    kept = set(ranges_to_positions(record["kept_ranges"]).tolist())
+    start, found = row["prompt"].find(answer), False
+    while answer and start >= 0:
+        end = start + len(answer)
+        toks = [i for i, (a, b) in enumerate(offsets) if a < end and b > start]
+        found = found or (bool(toks) and all(i in kept for i in toks))
+        start = row["prompt"].find(answer, start + 1)
+    return 1.0 if found else 0.0
+
+
+def retrieval_rows(
+    model_key: str, dataset: Any, records: Mapping[str, Sequence[Mapping[str, Any]]], tokenizer: Any,
+    tasks: Sequence[str] = ("kv_retrieval", "passkey"),
+) -> list[dict[str, Any]]:
+    """Per configuration and retrieval task: score (0-100) and the fraction of prompts whose answer SpecPrefill kept."""
+    by_uid = {r["uid"]: r for r in dataset if r["task"] in tasks}
+    out = []
+    for label, recs in records.items():
+        for task in tasks:
+            rs = [r for r in recs if r["task"] == task and r["uid"] in by_uid]
+            if not rs:
+                continue
+            kept = [answer_kept(by_uid[r["uid"]], r, tokenizer) for r in rs]
+            out.append({"model": model_key, "config": label, "task": task, "n": len(rs),
+                        "score": 100 * sum(r["score"] for r in rs) / len(rs),
+                        "answer_kept": sum(kept) / len(kept)})
+    return out
+
+
+def last_chunk_rows(model_key: str, specs: Sequence[TokenDropSpec], records: Mapping[str, Sequence[Mapping[str, Any]]],
+                    chunk_size: int) -> list[dict[str, Any]]:
+    """For each configuration without the forced last chunk: how often its selection differs from the forced one.
+
+    Compares with the forced configuration of the same keep rate and FastForward setting (if evaluated),
+    and counts the prompts whose last chunk was chosen on its score alone.
+    """
+    out = []
+    for spec in specs:
+        if spec.keep_rate is None or spec.keep_last:
+            continue
+        twin = next((s for s in specs if s.keep_last and s.keep_rate == spec.keep_rate
+                     and s.speculator == spec.speculator and s.fastforward == spec.fastforward), None)
+        recs = records[spec.label]
+        forced = {r["uid"]: r for r in records[twin.label]} if twin else {}
+        n_last = 0
+        for r in recs:
+            T = int(r["n_prompt_tokens"])
+            last = set(range(((T - 1) // chunk_size) * chunk_size, T))
+            n_last += last <= set(ranges_to_positions(r["kept_ranges"]).tolist())
+        same = sum(forced[r["uid"]]["kept_ranges"] == r["kept_ranges"] for r in recs if r["uid"] in forced)
+        out.append({"model": model_key, "config": spec.label, "compared_with": twin.label if twin else None,
+                    "prompts": len(recs), "last_chunk_kept_on_its_score": n_last,
+                    "same_selection_as_forced": same if twin else None})
+    return out

@@ -29,7 +29,8 @@ from typing import Any, Mapping, Sequence
 
 from ffcore.config import StrictConfig
 from ffcore.evaluation.runner import RunConfig, evaluate
-from ffcore.evaluation.scoring import continuation_table, paired_gap, select_tasks, summarize, task_table
+from ffcore.evaluation.scoring import (continuation_table, paired_gap, paired_metric_change, select_tasks, summarize,
+                                       task_table)
 from ffcore.evaluation.suite import SUITE_VERSION, SuiteConfig, suite_config
 from ffcore.plan import SparsityPlan
 from ffcore.profiles import models_for, pick
@@ -410,6 +411,52 @@ def comparisons(
     return out
 
 
+def kl_comparisons(
+    table: str, model_key: str, results: Mapping[str, Records], pairs: Sequence[tuple[str, ...]], n_boot: int = 2000,
+    level: float = 0.95, seed: int = 0,
+) -> list[dict[str, Any]]:
+    """The same pairs as `comparisons`, judged by the continuation task's KL to dense (lower = closer to dense).
+
+    A per-token distribution distance over 64 tokens per sample: far less noisy than exact-match scores.
+    'worse' agrees with the paper when other's KL is higher. Empty if the continuation task was not run.
+    """
+    out = []
+    for pair in pairs:
+        ref, other = pair[0], pair[1]
+        expect = pair[2] if len(pair) > 2 else "none"
+        if not any(r["task"] == "continuation" for r in results[ref]):
+            return []
+        c = paired_metric_change(results[ref], results[other], "kl", "continuation", n_boot, level, seed)
+        lo, hi = c["ci"]
+        change, resolved = c["rel_change_pct"], bool(lo > 0 or hi < 0)
+        agree = None
+        if expect == "worse" and not math.isnan(change):
+            agree = bool(change > 0)
+        elif expect == "similar":
+            agree = not resolved
+        out.append({"table": table, "model": model_key, "reference": ref, "other": other, "n": c["n"],
+                    "reference_kl": _round(c["reference_mean"]), "other_kl": _round(c["other_mean"]),
+                    "kl_change_pct": _round(change, 3), "ci_low": _round(lo, 3), "ci_high": _round(hi, 3),
+                    "resolved": resolved, "paper_expects": expect, "agrees_with_paper": agree})
+    return out
+
+
+def kl_verdict(rows: Sequence[Mapping[str, Any]]) -> str:
+    """Markdown: one line per `kl_comparisons` row (computed from the rows)."""
+    lines = []
+    for c in rows:
+        d = c["kl_change_pct"]
+        word = "closer to dense" if d < 0 else "further from dense" if d > 0 else "equal"
+        res = "paired 95 % CI excludes 0" if c["resolved"] else "paired 95 % CI includes 0: not resolved"
+        paper = {"worse": "the paper found it worse", "similar": "the paper found them similar"}.get(c["paper_expects"])
+        agree = c["agrees_with_paper"]
+        tail = "" if paper is None or agree is None else f" — {paper}: {'consistent' if agree else '**not** consistent'}"
+        lines.append(f"- **{c['model']}**: *{c['other']}* KL {c['other_kl']:.4f} vs {c['reference_kl']:.4f} for "
+                     f"*{c['reference']}* ({d:+.1f} %, {word}; CI {_fmt_ci(c['ci_low'], c['ci_high'])}, "
+                     f"{c['n']} samples; {res}){tail}.")
+    return "\n".join(lines)
+
+
 # The comparisons each ablation is about: (reference, other, what the paper found for other).
 def comparison_pairs(table: str, ablation: float = 0.5) -> list[tuple[str, str, str]]:
     """The paper's claims of a table as (reference, other, expectation) triples (expectation: 'worse', 'similar', 'none')."""
@@ -528,6 +575,7 @@ class TableResult:
     tasks: list[dict[str, Any]]  # task_rows: one per (model, configuration, task)
     continuation: list[dict[str, Any]]  # continuation_rows (models whose kept tasks include continuation)
     comparisons: list[dict[str, Any]]  # comparisons of comparison_pairs(table)
+    kl: list[dict[str, Any]]  # kl_comparisons of the same pairs (continuation KL to dense)
     seconds: dict[str, float]  # wall time per model (cache hits make reruns fast)
     records: dict[str, dict[str, list[dict[str, Any]]]] = dataclasses.field(default_factory=dict)  # model -> config -> records
 
@@ -555,7 +603,7 @@ def run_table(
 
     specs = table_specs(table, cfg.sparsities, cfg.ablation_sparsity)
     pairs = comparison_pairs(table, cfg.ablation_sparsity)
-    res = TableResult(table, [], [], [], [], {})
+    res = TableResult(table, [], [], [], [], [], {})
     for key, comps in components.items():
         tasks = list(kept[key])
         if not tasks:
@@ -568,6 +616,8 @@ def run_table(
         res.tasks += task_rows(table, key, results, tasks, cfg.n_boot, seed)
         res.continuation += continuation_rows(table, key, results)
         res.comparisons += comparisons(table, key, results, pairs, tasks, cfg.n_boot, cfg.level, seed)
+        if "continuation" in tasks:
+            res.kl += kl_comparisons(table, key, results, pairs, cfg.n_boot, cfg.level, seed)
     return res
 
 
