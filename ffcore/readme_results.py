@@ -62,36 +62,31 @@ def selection_table(rows: Sequence[Row]) -> str:
     return _md_table(["model", "task", "dense score [95 % CI]", "chance", "samples", "kept"], body)
 
 
+def _paper(r: Row) -> str:
+    """What the paper found for a comparison, and whether our result agrees ('-' when it made no claim)."""
+    expect, agree = r.get("paper_expects", "none"), r.get("agrees_with_paper")
+    if expect in (None, "none") or agree is None:
+        return "-"
+    return f"{expect} ({'consistent' if agree else 'not consistent'})"
+
+
+def _pair_table(rows: Sequence[Row], values: str, change: str, digits: tuple[int, int], header: Sequence[str]) -> str:
+    """Comparison rows (other vs reference): the two `other_/reference_<values>`, the `change` with its CI, verdicts."""
+    body = [[r.get("model", "?"), f"{r.get('other', '?')} vs {r.get('reference', '?')}",
+             f"{_num(r.get(f'other_{values}'), digits[0])} vs {_num(r.get(f'reference_{values}'), digits[0])}",
+             f"{_num(r.get(change), digits[1], True)} {_ci(r.get('ci_low'), r.get('ci_high'), 1, True)}",
+             "yes" if r.get("resolved") else "no", _paper(r)] for r in rows]
+    return _md_table(["model", "comparison", *header, "CI excludes 0", "paper found"], body)
+
+
 def comparison_table(rows: Sequence[Row]) -> str:
     """Paired comparisons of the ablations (notebook 06): other vs reference, relative change [CI]."""
-    def paper(r: Row) -> str:
-        expect, agree = r.get("paper_expects", "none"), r.get("agrees_with_paper")
-        if expect in (None, "none") or agree is None:
-            return "-"
-        return f"{expect} ({'consistent' if agree else 'not consistent'})"
-
-    body = [[r.get("model", "?"), f"{r.get('other', '?')} vs {r.get('reference', '?')}",
-             f"{_num(r.get('other_avg'))} vs {_num(r.get('reference_avg'))}",
-             f"{_num(r.get('rel_change_pct'), 2, True)} {_ci(r.get('ci_low'), r.get('ci_high'), 1, True)}",
-             "yes" if r.get("resolved") else "no", paper(r)] for r in rows]
-    return _md_table(["model", "comparison", "averages", "rel. change, % [95 % CI]", "CI excludes 0",
-                      "paper found"], body)
+    return _pair_table(rows, "avg", "rel_change_pct", (1, 2), ["averages", "rel. change, % [95 % CI]"])
 
 
 def kl_comparison_table(rows: Sequence[Row]) -> str:
     """The ablation pairs judged by the continuation task's KL to dense (notebook 06): lower = closer to dense."""
-    def paper(r: Row) -> str:
-        expect, agree = r.get("paper_expects", "none"), r.get("agrees_with_paper")
-        if expect in (None, "none") or agree is None:
-            return "-"
-        return f"{expect} ({'consistent' if agree else 'not consistent'})"
-
-    body = [[r.get("model", "?"), f"{r.get('other', '?')} vs {r.get('reference', '?')}",
-             f"{_num(r.get('other_kl'), 4)} vs {_num(r.get('reference_kl'), 4)}",
-             f"{_num(r.get('kl_change_pct'), 1, True)} {_ci(r.get('ci_low'), r.get('ci_high'), 1, True)}",
-             "yes" if r.get("resolved") else "no", paper(r)] for r in rows]
-    return _md_table(["model", "comparison", "KL to dense", "KL change, % [95 % CI]", "CI excludes 0", "paper found"],
-                     body)
+    return _pair_table(rows, "kl", "kl_change_pct", (4, 1), ["KL to dense", "KL change, % [95 % CI]"])
 
 
 def predictor_table(rows: Sequence[Row]) -> str:
