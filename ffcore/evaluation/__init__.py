@@ -9,8 +9,10 @@
 
 Modules: `suite` (local tasks), `longbench` (official prompts/truncation/scorer),
 `metrics` (LongBench's metrics reimplemented exactly, plus the local ones), `runner`
-(sparse prefill + KV-cached greedy decode, on-disk cache), `scoring` (per task/category,
-average, relative gap to dense, paired bootstrap CIs, chance-level task filter).
+(sparse prefill + KV-cached greedy decode, on-disk cache), `prefill` (how a prompt is
+prefilled: in full, or by SpecPrefill's kept tokens), `scoring` (per task/category,
+average, relative gap to dense, paired bootstrap CIs, chance-level task filter), `tables`
+(notebooks 05-06) and `specprefill_table` (notebook 08).
 Names are imported lazily so `import ffcore.evaluation` stays light.
 """
 from __future__ import annotations
@@ -30,6 +32,8 @@ _EXPORTS = {
     "run_configs": "ffcore.evaluation.runner",
     "timing_summary": "ffcore.evaluation.runner",
     "config_key": "ffcore.evaluation.runner",
+    "FullPrefill": "ffcore.evaluation.prefill",
+    "SpecPrefillMethod": "ffcore.evaluation.prefill",
     "LongBenchConfig": "ffcore.evaluation.longbench",
     "longbench_rows": "ffcore.evaluation.longbench",
     "longbench_summary": "ffcore.evaluation.longbench",
