@@ -50,7 +50,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import math
 import time
 from pathlib import Path
@@ -60,10 +59,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ffcore.artifacts import read_artifact, save_artifact
 from ffcore.collect import Collection, model_slug
 from ffcore.config import StrictConfig
 from ffcore.flops import ModelSpec, compensator_flops, compensator_rank
-from ffcore.models import gated_mlps, model_dims, model_fingerprint
+from ffcore.models import gated_mlps, model_fingerprint
 from ffcore.profiles import pick
 from ffcore.results import out_dirs
 from ffcore.sparse_ffn import dense_activations, fused_ffn
@@ -284,43 +284,17 @@ def compensator_dir(model_key: str, profile: str, variant: str = "plain") -> Pat
 
 def save_compensator(comp: ErrorCompensator, folder: Path) -> Path:
     """Write `compensator.safetensors` (all layers) and `compensator.json` (metadata) into `folder`."""
-    from safetensors.torch import save_file
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in comp.state_dict().items()}
-    save_file(tensors, str(folder / f"{ARTIFACT_STEM}.safetensors"), metadata={"format": "pt"})
     meta = {**comp.meta, "variant": comp.variant, "L": comp.L, "d": comp.d, "f": comp.f, "r": comp.r,
             "act": comp.act, "bias": comp.bias, "digest": comp.digest()}
-    (folder / f"{ARTIFACT_STEM}.json").write_text(json.dumps(meta, indent=1) + "\n")
-    return folder / f"{ARTIFACT_STEM}.safetensors"
+    return save_artifact(comp, folder, ARTIFACT_STEM, meta)
 
 
 def load_compensator(folder: Path, model: nn.Module | None = None) -> ErrorCompensator:
     """Load a saved compensator; with `model`, refuse one trained for another model and move it to its device."""
-    from safetensors.torch import load_file
-
-    folder = Path(folder)
-    meta_path = folder / f"{ARTIFACT_STEM}.json"
-    if not meta_path.exists():
-        raise FileNotFoundError(f"{meta_path} does not exist: train the compensator first (notebook 04)")
-    meta = json.loads(meta_path.read_text())
-    if model is not None:
-        dims = model_dims(model)
-        want = {"L": dims["L"], "d": dims["d"], "f": dims["f"]}
-        got = {k: meta.get(k) for k in want}
-        if got != want:
-            raise ValueError(f"compensator in {folder} has shape {got} but the model has {want}; it belongs to "
-                             f"another model ({meta.get('model')!r})")
-        fp = model_fingerprint(model)
-        if meta.get("fingerprint") != fp:
-            raise ValueError(
-                f"compensator in {folder} was trained on model {meta.get('model')!r} with fingerprint "
-                f"{meta.get('fingerprint')}, but this model's fingerprint is {fp}; retrain it for this model"
-            )
+    meta, state = read_artifact(folder, ARTIFACT_STEM, "compensator", "04", model)
     comp = ErrorCompensator(meta["L"], meta["d"], meta["f"], meta["r"], meta["variant"], meta["act"], meta["bias"],
                             meta=meta)
-    comp.load_state_dict(load_file(str(folder / f"{ARTIFACT_STEM}.safetensors")))
+    comp.load_state_dict(state)
     comp.requires_grad_(False)
     if model is not None:
         comp.to(next(model.parameters()).device)

@@ -32,7 +32,6 @@ Choices the paper leaves open (documented, all parameters of `PredictorConfig`):
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import time
 from pathlib import Path
@@ -42,9 +41,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ffcore.artifacts import read_artifact, save_artifact
 from ffcore.collect import CollectConfig, Collection, model_slug
 from ffcore.config import StrictConfig
-from ffcore.models import model_dims, model_fingerprint
+from ffcore.models import model_fingerprint
 from ffcore.policies import SelectContext, topk_sorted
 from ffcore.profiles import pick
 from ffcore.results import out_dirs
@@ -192,41 +192,14 @@ def predictor_dir(model_key: str, profile: str) -> Path:
 
 def save_predictor(pred: ExpertPredictor, folder: Path) -> Path:
     """Write `predictor.safetensors` (all layers) and `predictor.json` (metadata) into `folder`."""
-    from safetensors.torch import save_file
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in pred.state_dict().items()}
-    save_file(tensors, str(folder / f"{ARTIFACT_STEM}.safetensors"), metadata={"format": "pt"})
     meta = {**pred.meta, "L": pred.L, "d": pred.d, "f": pred.f, "r": pred.r, "bias": pred.bias}
-    (folder / f"{ARTIFACT_STEM}.json").write_text(json.dumps(meta, indent=1) + "\n")
-    return folder / f"{ARTIFACT_STEM}.safetensors"
+    return save_artifact(pred, folder, ARTIFACT_STEM, meta)
 
 
 def load_predictor(folder: Path, model: nn.Module | None = None) -> ExpertPredictor:
     """Load a saved predictor; with `model`, refuse one trained for a different model (fingerprint/shape)."""
-    from safetensors.torch import load_file
-
-    folder = Path(folder)
-    meta_path = folder / f"{ARTIFACT_STEM}.json"
-    if not meta_path.exists():
-        raise FileNotFoundError(f"{meta_path} does not exist: train the predictor first (notebook 03)")
-    meta = json.loads(meta_path.read_text())
-    if model is not None:
-        dims = model_dims(model)
-        want = {"L": dims["L"], "d": dims["d"], "f": dims["f"]}
-        got = {k: meta.get(k) for k in want}
-        if got != want:
-            raise ValueError(f"predictor in {folder} has shape {got} but the model has {want}; it belongs to "
-                             f"another model ({meta.get('model')!r})")
-        fp = model_fingerprint(model)
-        if meta.get("fingerprint") != fp:
-            raise ValueError(
-                f"predictor in {folder} was trained on model {meta.get('model')!r} with fingerprint "
-                f"{meta.get('fingerprint')}, but this model's fingerprint is {fp}; retrain it for this model"
-            )
+    meta, state = read_artifact(folder, ARTIFACT_STEM, "predictor", "03", model)
     pred = ExpertPredictor(meta["L"], meta["d"], meta["f"], meta["r"], meta["bias"], meta=meta)
-    state = load_file(str(folder / f"{ARTIFACT_STEM}.safetensors"))
     pred.load_state_dict(state)
     return pred.eval()
 
