@@ -750,7 +750,7 @@ def run_config(profile: str) -> SpecPrefillRunConfig:
             models=["smollm2-135m", "gemma3-270m"], seq_len=1024, cont_len=64, n_samples=4,
             keep_rates=[0.3, 0.5, 0.7], prefix_fraction=0.25, sparsities=[0.3, 0.4, 0.5],
             combo_keep_rates=[0.5, 0.7], combo_sparsities=[0.5], timing_repeats=3, passkey_samples=2,
-            passkey_len=768, suite_keep_rates=[0.3, 0.5, 0.7], suite_no_last_keep_rates=[0.5],
+            passkey_len=768, suite_keep_rates=[0.3, 0.5], suite_no_last_keep_rates=[0.5],
             suite_combos=[[0.5, 0.5]],
         ),
     )

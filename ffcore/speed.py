@@ -40,7 +40,7 @@ class SpeedSettings(StrictConfig):
     ffn_repeats: int = 7
     ttft_tokens: tuple[int, ...] = (1024, 2048, 4096)
     ttft_sparsities: tuple[float, ...] = (0.5,)
-    ttft_extra_sparsities_at: int = 2048  # also measure 30 % and 40 % sparsity at this length
+    ttft_extra_sparsities_at: int = 1024  # also measure 30 % and 40 % sparsity at this length
     ttft_repeats: int = 3
     baseline_at: int = 2048  # the random-experts plan (sparse compute without selection) is timed at this length
     curve_max_tokens: int = 32768
@@ -52,7 +52,7 @@ def settings(profile: str) -> SpeedSettings:
         ffn_tokens=pick(profile, (256, 512), (1024, 2048), (1024, 2048, 4096, 8192)),
         ffn_repeats=pick(profile, 2, 5, 7),
         ttft_tokens=pick(profile, (256, 512), (1024, 2048), (1024, 2048, 4096)),
-        ttft_extra_sparsities_at=pick(profile, 512, 2048, 2048),
+        ttft_extra_sparsities_at=pick(profile, 512, 1024, 1024),
         ttft_repeats=pick(profile, 2, 3, 3),
         baseline_at=pick(profile, 512, 2048, 2048),
         curve_max_tokens=pick(profile, 4096, 32768, 32768),
