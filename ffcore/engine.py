@@ -140,7 +140,7 @@ def _cache_offset(kwargs: dict) -> int:
     cache_position = kwargs.get("cache_position")
     if isinstance(cache_position, Tensor) and cache_position.numel():
         return int(cache_position.reshape(-1)[0])
-    past = kwargs.get("past_key_values")
+    past = kwargs.get("cache", kwargs.get("past_key_values"))  # transformers >= 5.24 renamed the kwarg to `cache`
     if past is not None and hasattr(past, "get_seq_length"):
         return int(past.get_seq_length())
     return 0

@@ -483,7 +483,8 @@ def score_tokens(speculator: nn.Module, input_ids: Tensor, config: SpecPrefillCo
     def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
         cos, sin = kwargs["position_embeddings"]
-        keys = kwargs["past_key_values"].layers[module.layer_idx].keys[:, :, :T]  # [1, KVH, T, D] prompt keys
+        cache = kwargs["cache"] if "cache" in kwargs else kwargs["past_key_values"]  # renamed in transformers 5.24
+        keys = cache.layers[module.layer_idx].keys[:, :, :T]  # [1, KVH, T, D] prompt keys
         q = last_query(module, hidden[:, -1:], cos[:, -1:], sin[:, -1:])  # [1, H, 1, D]
         p = query_attention(q, keys, module.scaling, state["q_pos"], windows[module.layer_idx])
         state["acc"] = p if state["acc"] is None else torch.maximum(state["acc"], p)

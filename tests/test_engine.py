@@ -1,6 +1,8 @@
 """The block-sparse FFN engine against dense and masked-dense references on tiny models."""
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 
@@ -137,15 +139,18 @@ def test_nested_sparsify_does_not_double_wrap(model):
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("cache_kwarg", ["past_key_values", "cache"])
 @pytest.mark.parametrize("sparse_decode", [False, True])
-def test_decode_after_sparse_prefill_uses_kv_cache(model, sparse_decode):
+def test_decode_after_sparse_prefill_uses_kv_cache(model, sparse_decode, cache_kwarg):
+    if cache_kwarg == "cache" and "cache" not in inspect.signature(model.forward).parameters:
+        pytest.skip("transformers < 5.24 has no `cache` argument (`past_key_values` was renamed in 5.24)")
     ids = _ids(260)
     plan = SparsityPlan(densities=0.5, policy="first_block_static", sparse_decode=sparse_decode)
     with sparsify(model, plan) as st:
         out = model(ids, use_cache=True)
         nxt = out.logits[:, -1:].argmax(-1)
         before = dict(st.stats)
-        step = model(nxt, past_key_values=out.past_key_values, use_cache=True)
+        step = model(nxt, **{cache_kwarg: out.past_key_values}, use_cache=True)  # token 260: block 2, not dense block 0
         grew = {k: st.stats[k] - before[k] for k in before}
     L = model.config.num_hidden_layers
     assert step.logits.shape == (1, 1, model.config.vocab_size)

@@ -16,8 +16,27 @@ def test_environment_yml_matches_pyproject():
     py = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     want = {r.strip() for r in py["dependencies"] + py["optional-dependencies"]["dev"]}
     lines = (ROOT / "environment.yml").read_text().splitlines()
-    pip_reqs = {ln.strip()[2:].strip() for ln in lines if ln.startswith("      - ") and "-e ." not in ln}
+    entries = [ln.strip()[2:].strip() for ln in lines if ln.startswith("      - ")]
+    pip_reqs = {e for e in entries if not e.startswith("-")}  # drop pip options: `-c constraints.txt`, `-e .`
+    assert "-c constraints.txt" in entries
     assert pip_reqs == want, f"only in pyproject: {want - pip_reqs}; only in environment.yml: {pip_reqs - want}"
+
+
+def test_constraints_pin_every_dependency_inside_its_range():
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    pins = {}
+    for ln in (ROOT / "constraints.txt").read_text().splitlines():
+        if ln.strip() and not ln.startswith("#"):
+            name, _, version = ln.partition("==")
+            assert version, f"constraints.txt: {ln!r} is not an exact pin"
+            pins[canonicalize_name(name)] = version
+    py = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    for req in map(Requirement, py["dependencies"] + py["optional-dependencies"]["dev"]):
+        version = pins.get(canonicalize_name(req.name))
+        assert version is not None, f"constraints.txt does not pin {req.name}"
+        assert req.specifier.contains(version, prereleases=True), f"{req.name}=={version} is outside {req.specifier}"
 
 
 def test_kernels_install_under_ffcore_namespace():
