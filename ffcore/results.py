@@ -91,7 +91,14 @@ def device_name() -> str:
                 break
     except OSError:
         pass
-    return f"CPU: {cpu} ({os.cpu_count()} cores)"
+    isa = ""
+    try:  # the vector ISA torch dispatches to (AVX2 vs AVX512) changes CPU timings as much as the core count
+        import torch
+
+        isa = f", {torch.backends.cpu.get_cpu_capability()}"
+    except (ImportError, AttributeError):  # pragma: no cover
+        pass
+    return f"CPU: {cpu} ({os.cpu_count()} cores{isa})"
 
 
 def package_versions() -> dict[str, str]:
