@@ -17,7 +17,7 @@ from typing import Any, Iterator
 import torch
 from torch import Tensor, nn
 
-from ffcore.models import decoder_layers, gated_mlps
+from ffcore.models import cache_from_kwargs, decoder_layers, gated_mlps
 from ffcore.plan import SparsityPlan
 from ffcore.policies import SelectContext, SelectionPolicy, make_policy
 from ffcore.sparse_ffn import block_sparse_ffn, fused_ffn, split_dense_sparse
@@ -140,7 +140,7 @@ def _cache_offset(kwargs: dict) -> int:
     cache_position = kwargs.get("cache_position")
     if isinstance(cache_position, Tensor) and cache_position.numel():
         return int(cache_position.reshape(-1)[0])
-    past = kwargs.get("cache", kwargs.get("past_key_values"))  # transformers >= 5.24 renamed the kwarg to `cache`
+    past = cache_from_kwargs(kwargs)
     if past is not None and hasattr(past, "get_seq_length"):
         return int(past.get_seq_length())
     return 0

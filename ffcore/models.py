@@ -242,6 +242,11 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     raise TypeError(f"cannot find the decoder layers of {type(model).__name__}")
 
 
+def cache_from_kwargs(kwargs: dict[str, Any]) -> Any:
+    """The KV cache a transformers forward was called with (`cache` since 5.24, `past_key_values` before), or None."""
+    return kwargs["cache"] if kwargs.get("cache") is not None else kwargs.get("past_key_values")
+
+
 def gated_mlps(model: nn.Module) -> list[nn.Module]:
     """Every layer's gated MLP; a clear error if the architecture has none."""
     mlps = []

@@ -76,13 +76,10 @@ def _git_commit(root: Path) -> str:
 
 def device_name() -> str:
     """A human-readable name of the compute device results were measured on."""
-    try:
-        import torch
+    import torch  # lazy: writing a result should not pay for torch's import unless it names a device
 
-        if torch.cuda.is_available():
-            return torch.cuda.get_device_name(0)
-    except ImportError:  # pragma: no cover
-        pass
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -91,14 +88,8 @@ def device_name() -> str:
                 break
     except OSError:
         pass
-    isa = ""
-    try:  # the vector ISA torch dispatches to (AVX2 vs AVX512) changes CPU timings as much as the core count
-        import torch
-
-        isa = f", {torch.backends.cpu.get_cpu_capability()}"
-    except (ImportError, AttributeError):  # pragma: no cover
-        pass
-    return f"CPU: {cpu} ({os.cpu_count()} cores{isa})"
+    # the vector ISA torch dispatches to (AVX2 vs AVX512) changes CPU timings as much as the core count
+    return f"CPU: {cpu} ({os.cpu_count()} cores, {torch.backends.cpu.get_cpu_capability()})"
 
 
 def package_versions() -> dict[str, str]:

@@ -50,7 +50,7 @@ from torch import Tensor, nn
 
 from ffcore.config import StrictConfig
 from ffcore.flops import ModelSpec, causal_pairs, plan_speedup, prefill_flops, spec_from_config
-from ffcore.models import decoder_layers
+from ffcore.models import cache_from_kwargs, decoder_layers
 from ffcore.profiles import pick
 
 WINDOW_MODES = ("positions", "cache")
@@ -483,8 +483,7 @@ def score_tokens(speculator: nn.Module, input_ids: Tensor, config: SpecPrefillCo
     def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
         cos, sin = kwargs["position_embeddings"]
-        cache = kwargs["cache"] if "cache" in kwargs else kwargs["past_key_values"]  # renamed in transformers 5.24
-        keys = cache.layers[module.layer_idx].keys[:, :, :T]  # [1, KVH, T, D] prompt keys
+        keys = cache_from_kwargs(kwargs).layers[module.layer_idx].keys[:, :, :T]  # [1, KVH, T, D] prompt keys
         q = last_query(module, hidden[:, -1:], cos[:, -1:], sin[:, -1:])  # [1, H, 1, D]
         p = query_attention(q, keys, module.scaling, state["q_pos"], windows[module.layer_idx])
         state["acc"] = p if state["acc"] is None else torch.maximum(state["acc"], p)
