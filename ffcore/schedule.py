@@ -76,7 +76,9 @@ def algorithm1(scores: Sequence[float], budget: float, order: str = "sorted") ->
     T, S = budget * len(s), sum(s)
     out = [0.0] * len(s)
     for i in idx:
-        b = min(1.0, s[i] / S * T) if S > 0 else 0.0
+        # s_i <= S, so s_i / S * T <= T exactly; the running sums S and T drift by float rounding,
+        # and the cap at T keeps the last layers from overspending by that drift
+        b = min(1.0, T, s[i] / S * T) if S > 0 else 0.0
         b = max(0.0, b)  # T can go a hair below 0 by rounding
         out[i] = b
         T -= b
