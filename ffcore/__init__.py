@@ -13,9 +13,11 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "load_model": "ffcore.models",
     "model_fingerprint": "ffcore.models",
+    "model_slug": "ffcore.models",
     "sparsify": "ffcore.engine",
-    "SparsityPlan": "ffcore.plan",
-    "dense_plan": "ffcore.plan",
+    "SparsityPlan": "ffcore.engine",
+    "EngineOptions": "ffcore.engine",
+    "dense_plan": "ffcore.engine",
 }
 __all__ = [*_EXPORTS, "__version__"]
 

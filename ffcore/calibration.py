@@ -24,51 +24,20 @@ import dataclasses
 import inspect
 import math
 import sys
+import time
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
-from ffcore.config import StrictConfig
+from ffcore.data import token_samples
+from ffcore.engine.layout import BLOCK_SIZE
 from ffcore.models import decoder_layers, model_fingerprint
-from ffcore.profiles import pick
-
-BLOCK_SIZE = 128
 
 
-# ---------------------------------------------------------------------------- configuration
-@dataclasses.dataclass
-class CalibrationConfig(StrictConfig):
-    """Per-profile knobs of the attention-sink calibration (notebook 02)."""
 
-    n_samples: int  # calibration samples per model
-    seq_len: int  # tokens per sample (>= 2 blocks)
-    block_size: int = BLOCK_SIZE  # tokens per key block (the paper's B = 128)
-    chunk_size: int = 128  # queries per chunk: memory ~ chunk x seq_len x heads x 4 bytes
-    sources: tuple[str, ...] = ("prose", "code")  # corpora the calibration split is drawn from
-    budgets: tuple[float, ...] = (0.7, 0.6, 0.5)  # overall FFN densities to build schedules for
-    min_density: float = 0.05  # floor of any layer's density (see ffcore.schedule)
-
-    def __post_init__(self) -> None:
-        if self.block_size < 1 or self.chunk_size < 1 or self.n_samples < 1:
-            raise ValueError(f"block_size, chunk_size and n_samples must be >= 1: {self}")
-        check_seq_len(self.seq_len, self.block_size)
-        self.sources = tuple(self.sources)
-        self.budgets = tuple(float(b) for b in self.budgets)
-
-
-def calibration_config(profile: str, **overrides: Any) -> CalibrationConfig:
-    """The calibration knobs of a run profile (smoke / quick / full), optionally overridden."""
-    cfg = pick(
-        profile,
-        smoke=CalibrationConfig(n_samples=2, seq_len=256, chunk_size=96),
-        quick=CalibrationConfig(n_samples=4, seq_len=2048),
-        # full: sized so that both real models finish in ~5 min on a 2-core CPU (see notebook 02)
-        full=CalibrationConfig(n_samples=4, seq_len=4096),
-    )
-    return cfg.replace(**overrides) if overrides else cfg
-
-
+# ---------------------------------------------------------------------------- checks
 def check_seq_len(seq_len: int, block_size: int = BLOCK_SIZE) -> None:
     """Raise a clear error when a sample is too short to have a sink block and a non-sink block."""
     if seq_len < 2 * block_size:
@@ -365,12 +334,6 @@ def calibrate(
     chunk_size: int = 128, sources: Sequence[str] = ("prose", "code"), seed: int = 0, progress: bool = True,
 ) -> CalibrationResult:
     """Run the calibration over `n_samples` x `seq_len` tokens of the calibration split."""
-    import time
-
-    from tqdm import tqdm
-
-    from ffcore.data import token_samples
-
     check_seq_len(seq_len, block_size)
     max_pos = getattr(model.config, "max_position_embeddings", None)
     if max_pos is not None and seq_len > max_pos:
@@ -387,17 +350,6 @@ def calibrate(
         seed=seed, sources=tuple(sources), block_mass=torch.stack(masses),  # [n, L, H, nb]
         layer_windows=[attention_window(layer.self_attn, i) for i, layer in enumerate(layers)],
         seconds=time.time() - t0, cpu_seconds=time.process_time() - c0,
-    )
-
-
-def calibrate_model(key: str, cfg: CalibrationConfig, seed: int = 0, progress: bool = True) -> CalibrationResult:
-    """Load a model by key and calibrate it with a profile's `CalibrationConfig`."""
-    from ffcore.models import load_model
-
-    model, tok = load_model(key)
-    return calibrate(
-        model, tok, cfg.n_samples, cfg.seq_len, block_size=cfg.block_size, chunk_size=cfg.chunk_size,
-        sources=cfg.sources, seed=seed, progress=progress,
     )
 
 

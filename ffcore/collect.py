@@ -10,7 +10,7 @@ For every layer and every full `block_size`-token block of a sample we keep
 `down_proj` (whose input *is* `h`), so the model runs once and the FFN is never recomputed. The
 forward is cut short after the last layer's FFN (no final norm / lm head).
 
-Collections live in `out_dirs(profile).artifacts/<model>/collect_<split>/` as safetensors
+A collection is a folder (notebook 03 uses `<artifacts>/<model>/collect_<split>/`) of safetensors
 shards plus a `manifest.json` that records what was collected (model fingerprint, split,
 seq_len, n samples, seed, sources, block size, shard layout) and the provenance of every
 sample (its source and the document ids from `ffcore.data.token_samples`). A rerun with the
@@ -33,10 +33,14 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor, nn
 
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
 from ffcore.config import StrictConfig
 from ffcore.data import SOURCES, SPLITS, token_samples
-from ffcore.models import decoder_layers, gated_mlps, model_dims, model_fingerprint
-from ffcore.results import out_dirs
+from ffcore.engine.layout import BLOCK_SIZE
+from ffcore.models import decoder_layers, gated_mlps, model_dims, model_fingerprint, model_slug
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -60,7 +64,7 @@ class CollectConfig(StrictConfig):
     n_samples: int = 32
     seq_len: int = 1024
     seed: int = 0
-    block_size: int = 128
+    block_size: int = BLOCK_SIZE
     sources: tuple[str, ...] = SOURCES
     samples_per_shard: int = 8
     batch_size: int = 4
@@ -105,16 +109,6 @@ class Collection:
         rows = rows.nonzero().squeeze(1) if rows.dtype == torch.bool else rows
         X = None if self.X is None else self.X[rows]
         return Collection(X, self.scores[rows], self.sample[rows], self.position[rows], self.layers, self.manifest)
-
-
-def model_slug(model_key: str) -> str:
-    """A folder name for a model key or a local checkpoint path."""
-    return Path(str(model_key).rstrip("/")).name or "model"
-
-
-def collection_dir(model_key: str, profile: str, split: str) -> Path:
-    """`out_dirs(profile).artifacts/<model>/collect_<split>/`."""
-    return out_dirs(profile).artifacts / model_slug(model_key) / f"collect_{split}"
 
 
 def manifest_key(cfg: CollectConfig, fingerprint: str) -> dict[str, Any]:
@@ -195,14 +189,12 @@ def _write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
 
 
 def collect(
-    model: nn.Module, tokenizer: Any, model_key: str, profile: str, cfg: CollectConfig,
-    folder: Path | None = None, progress: bool = True,
+    model: nn.Module, tokenizer: Any, cfg: CollectConfig, folder: Path, model_key: str | None = None,
+    progress: bool = True,
 ) -> Path:
-    """Collect (or resume collecting) `cfg` for `model` into its collection folder; return the folder."""
-    from safetensors.torch import save_file
-    from tqdm.auto import tqdm
-
-    folder = Path(folder) if folder is not None else collection_dir(model_key, profile, cfg.split)
+    """Collect (or resume collecting) `cfg` for `model` into `folder`; return the folder."""
+    model_key = model_key or getattr(model, "ffcore_name", type(model).__name__)
+    folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     fp = model_fingerprint(model)
     key = manifest_key(cfg, fp)
@@ -261,8 +253,6 @@ def load_collection_dir(
     folder: Path, layers: Sequence[int] | None = None, with_x: bool = True, fingerprint: str | None = None,
 ) -> Collection:
     """Load a collection folder (optionally only some layers, or without X); check the fingerprint if given."""
-    from safetensors import safe_open
-
     folder = Path(folder)
     manifest = _read_manifest(folder)
     if manifest is None or not manifest.get("complete"):
@@ -292,14 +282,6 @@ def load_collection_dir(
     X = torch.cat(parts["x"]) if with_x else None
     return Collection(X, torch.cat(parts["scores"]), torch.cat(parts["sample"]), torch.cat(parts["position"]),
                       layers, manifest)
-
-
-def load_collection(
-    model_key: str, profile: str, split: str, layers: Sequence[int] | None = None, with_x: bool = True,
-    fingerprint: str | None = None,
-) -> Collection:
-    """Load the collection of `model_key`/`split` written by `collect` for `profile`."""
-    return load_collection_dir(collection_dir(model_key, profile, split), layers, with_x, fingerprint)
 
 
 def collection_doc_ids(folder: Path) -> set[str]:

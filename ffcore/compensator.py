@@ -49,7 +49,6 @@ so the saved compensator is exactly the architecture above.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import math
 import time
 from pathlib import Path
@@ -59,14 +58,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from tqdm.auto import tqdm
+
 from ffcore.artifacts import read_artifact, save_artifact
-from ffcore.collect import Collection, model_slug
+from ffcore.collect import Collection
 from ffcore.config import StrictConfig
-from ffcore.flops import ModelSpec, compensator_flops, compensator_rank
-from ffcore.models import gated_mlps, model_fingerprint
-from ffcore.profiles import pick
-from ffcore.results import out_dirs
-from ffcore.sparse_ffn import dense_activations, fused_ffn
+from ffcore.engine.layout import BLOCK_SIZE, compensator_rank, experts_for
+from ffcore.engine.plan import weights_digest
+from ffcore.engine.sparse_ffn import dense_activations, fused_ffn
+from ffcore.flops import ModelSpec, compensator_flops
+from ffcore.models import gated_mlps, model_fingerprint, model_slug
+from ffcore.predictor import predict_scores, split_train_val
 
 ARTIFACT_STEM = "compensator"
 VARIANTS = ("plain", "masked")
@@ -76,11 +78,6 @@ ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
 }
 TRAIN_DENSITIES = (0.5, 0.55, 0.6, 0.65, 0.7)  # 30-50 % sparsity, the range one compensator serves
 EVAL_DENSITIES = (0.4, 0.5, 0.6, 0.7, 0.8)  # the trained range and one step beyond on each side
-
-
-def _k(density: float, f: int) -> int:
-    """Kept experts at a density, as the engine rounds it."""
-    return max(1, min(f, round(density * f)))
 
 
 # ------------------------------------------------------------------------------ the model
@@ -160,7 +157,6 @@ class ErrorCompensator(nn.Module):
         self.shift = nn.Parameter(torch.zeros(L, f, r)) if masked else None  # A: dropped neuron -> hidden shift
         self.gain = nn.Parameter(torch.zeros(L, f, r)) if masked else None  # G: dropped neuron -> hidden gain
         self.meta: dict[str, Any] = dict(meta or {})
-        self._digest: tuple[tuple, str] | None = None
 
     @property
     def bias(self) -> bool:
@@ -175,14 +171,7 @@ class ErrorCompensator(nn.Module):
 
     def digest(self) -> str:
         """8 hex digits of a hash of the weights (cached until a parameter changes)."""
-        params = [p for _, p in sorted(self.state_dict().items())]
-        stamp = tuple((p.data_ptr(), p._version) for p in params)
-        if self._digest is None or self._digest[0] != stamp:
-            h = hashlib.sha256()
-            for p in params:
-                h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
-            self._digest = (stamp, h.hexdigest()[:8])
-        return self._digest[1]
+        return weights_digest(self)
 
     def mask_terms(self, layer: int | slice, drop: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
         """(shift, gain) of the hidden layer for dropped-neuron masks drop [..., f] (None for the plain variant)."""
@@ -273,15 +262,6 @@ class ErrorCompensator(nn.Module):
 
 
 # ------------------------------------------------------------------------------ artifacts
-def compensator_dir(model_key: str, profile: str, variant: str = "plain") -> Path:
-    """`out_dirs(profile).artifacts/<model>/compensator_<variant>/` (files `compensator.*` there)."""
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown compensator variant {variant!r}; choose one of {VARIANTS}")
-    path = out_dirs(profile).artifacts / model_slug(model_key) / f"compensator_{variant}"
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
 def save_compensator(comp: ErrorCompensator, folder: Path) -> Path:
     """Write `compensator.safetensors` (all layers) and `compensator.json` (metadata) into `folder`."""
     meta = {**comp.meta, "variant": comp.variant, "L": comp.L, "d": comp.d, "f": comp.f, "r": comp.r,
@@ -313,8 +293,6 @@ def mask_sources(coll: Collection, predictor: nn.Module | None = None) -> dict[s
     """Scores [n_blocks, L, f] whose top-K are each block's experts: the oracle's, and the predictor's if given."""
     out = {"oracle": coll.scores}
     if predictor is not None:
-        from ffcore.predictor import predict_scores
-
         out["predictor"] = predict_scores(predictor, coll)
     return out
 
@@ -401,8 +379,6 @@ def distill_data(
     position 0 run dense in the engine and are skipped when `skip_first`. Dense activations are
     recomputed from the model's MLP weights (one pass per layer and chunk).
     """
-    from tqdm.auto import tqdm
-
     if coll.X is None:
         raise ValueError("the collection was loaded without X")
     if not sources:
@@ -420,7 +396,7 @@ def distill_data(
     n, (_, L, B, d) = len(rows), coll.X.shape
     mlps = [gated_mlps(model)[layer] for layer in coll.layers]
     f = fused_ffn(mlps[0]).f
-    ks = tuple(_k(r, f) for r in densities)
+    ks = tuple(experts_for(r, f) for r in densities)
     T = B if tokens_per_block is None else min(B, int(tokens_per_block))
     g = torch.Generator().manual_seed(seed)
     tok = torch.rand(n, B, generator=g).argsort(-1)[:, :T].sort(-1).values  # [n, T] sampled token positions
@@ -566,8 +542,6 @@ class _Trainer:
     def run(self, tr: Tensor, va: Tensor, src: str, epochs: int, progress: bool) -> None:
         """One phase on mask source `src`, keeping each layer's best validation epoch; stops when the
         layer mean of the best validation losses has not improved by `min_delta` for `patience` epochs."""
-        from tqdm.auto import tqdm
-
         cfg, (L, P) = self.cfg, self.data.level.shape[1:]
         opt = torch.optim.Adam(list(self.raw.values()), lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
         den = self.data.energy[src][tr].mean((0, 2)) / self.data.X.shape[2]  # [L] mean ||e||^2 per token
@@ -632,8 +606,6 @@ def train_compensator(
     `init` warm-starts from a trained compensator (e.g. the masked variant from the plain one:
     its extra parameters start at zero, so training starts exactly at the plain compensator).
     """
-    from ffcore.predictor import split_train_val
-
     t0 = time.time()
     torch.manual_seed(cfg.seed)
     missing = [s for s in cfg.phases if s not in data.err]
@@ -698,8 +670,6 @@ def heldout_metrics(
     Rows {source, density, k, layer, compensator, rel_err, reduction, corr_to_err, cos}; layer -1
     is the mean over layers.
     """
-    from tqdm.auto import tqdm
-
     if coll.X is None:
         raise ValueError("the collection was loaded without X")
     densities = tuple(sorted(float(r) for r in densities))
@@ -707,7 +677,7 @@ def heldout_metrics(
     n, (_, L, B, d) = len(rows_), coll.X.shape
     mlps = [gated_mlps(model)[layer] for layer in coll.layers]
     f = fused_ffn(mlps[0]).f
-    ks = tuple(_k(r, f) for r in densities)
+    ks = tuple(experts_for(r, f) for r in densities)
     y2: dict[tuple, float] = {}
     sums: dict[tuple, float] = {}
     for li in tqdm(range(L), desc="held-out metrics", disable=not progress, leave=False):
@@ -768,7 +738,7 @@ def mean_rows(rows: Sequence[dict[str, Any]], model_key: str, digits: int = 4) -
 
 # ------------------------------------------------------------------------------ cost
 def compensator_cost(d: int, f: int, density: float, variant: str = "plain", r: int | None = None,
-                     block_size: int = 128) -> dict[str, Any]:
+                     block_size: int = BLOCK_SIZE) -> dict[str, Any]:
     """One layer's compensator per sparse block: FLOPs, parameters read, and shares of the block's FFN FLOPs.
 
     plain: `4 N d r` (ffcore.flops.compensator_flops); masked adds `2 |D| r` (two embedding sums
@@ -779,7 +749,7 @@ def compensator_cost(d: int, f: int, density: float, variant: str = "plain", r: 
     r = compensator_rank(d) if r is None else int(r)
     spec = ModelSpec("probe", d=d, f=f, L=1, heads=1, kv_heads=1, head_dim=d, vocab=1)
     plain = compensator_flops(spec, block_size) if r == compensator_rank(d) else 4 * block_size * d * r
-    k = _k(density, f)
+    k = experts_for(density, f)
     masked = variant == "masked"
     extra = 2 * (f - k) * r + 2 * block_size * r if masked else 0
     ffn_sparse, ffn_dense = 6 * block_size * d * k, 6 * block_size * d * f
@@ -792,116 +762,3 @@ def compensator_cost(d: int, f: int, density: float, variant: str = "plain", r: 
         "params_read": 2 * d * r + (2 * (f - k) * r if masked else 0),
         "ffn_weights_read": 3 * d * k,
     }
-
-
-# ------------------------------------------------------------------------------ end-to-end check
-def sanity_nll(
-    model: nn.Module, tokenizer: Any, predictor: nn.Module, compensators: Mapping[str, ErrorCompensator | None],
-    n_samples: int, ctx_len: int, cont_len: int, density: float = 0.5, seed: int = 0,
-) -> list[dict[str, Any]]:
-    """Continuation NLL after a sparse prefill with the predictor's experts, per compensator (None: none), and dense."""
-    from ffcore.data import token_samples
-    from ffcore.plan import SparsityPlan
-    from ffcore.predictor import continuation_nll
-
-    ids = token_samples(tokenizer, "eval", ctx_len + cont_len, n_samples, seed=seed)["input_ids"]  # [n, T]
-    t0 = time.time()
-    rows = [{"compensator": "dense", "density": 1.0, "nll": round(continuation_nll(model, ids, ctx_len), 5),
-             "seconds": round(time.time() - t0, 1)}]
-    for name, comp in compensators.items():
-        t0 = time.time()
-        plan = SparsityPlan(densities=density, policy=predictor, compensator=comp, seed=seed)
-        nll = continuation_nll(model, ids, ctx_len, plan)
-        rows.append({"compensator": name, "density": density, "nll": round(nll, 5),
-                     "seconds": round(time.time() - t0, 1)})
-    for r in rows:
-        r["rel_change_pct"] = round(100 * (r["nll"] / rows[0]["nll"] - 1), 2)
-    return rows
-
-
-# ------------------------------------------------------------------------------ profiles
-@dataclasses.dataclass
-class Notebook04Settings(StrictConfig):
-    """Per-profile sizes for notebook 04.
-
-    tokens_per_block:   training tokens sampled per collected block (held-out metrics use all tokens).
-    train_densities:    the density grid the targets are computed on.
-    levels_per_block:   grid densities stored per (block, layer) (each step samples one of them).
-    eval_densities:     held-out densities (the trained range and one step beyond on each side).
-    """
-
-    tokens_per_block: int
-    levels_per_block: int
-    train_densities: tuple[float, ...]
-    eval_densities: tuple[float, ...]
-    plain: CompensatorConfig
-    masked: CompensatorConfig
-    nll_samples: int
-    nll_ctx: int
-    nll_cont: int
-
-    def __post_init__(self) -> None:
-        for name in ("plain", "masked"):
-            if isinstance(getattr(self, name), dict):
-                setattr(self, name, CompensatorConfig.from_dict(getattr(self, name)))
-        self.train_densities, self.eval_densities = tuple(self.train_densities), tuple(self.eval_densities)
-
-
-def settings(profile: str, seed: int = 0) -> Notebook04Settings:
-    """The notebook-04 settings of a profile (smoke: tiny models in seconds; full: ~10 min on 2 idle CPU cores)."""
-    common = dict(seed=seed, batch_blocks=4, lr=2e-3, max_epochs=pick(profile, 6, 8, 8), warm_epochs=pick(profile, 6, 6, 6),
-                  patience=2)
-    return Notebook04Settings(
-        tokens_per_block=64, levels_per_block=2, train_densities=TRAIN_DENSITIES, eval_densities=EVAL_DENSITIES,
-        plain=CompensatorConfig(variant="plain", **common),
-        masked=CompensatorConfig(variant="masked", phases=("predictor",), **common),
-        nll_samples=pick(profile, 1, 2, 3), nll_ctx=pick(profile, 384, 1024, 1024),
-        nll_cont=pick(profile, 32, 64, 64),
-    )
-
-
-# ------------------------------------------------------------------------------ notebook helpers
-def verdict(table: Sequence[dict[str, Any]], density: float = 0.5, trained: Sequence[float] = (0.5, 0.6, 0.7)) -> str:
-    """A Markdown summary computed from `mean_rows` output (predictor masks): errors, masked vs plain, across levels."""
-    lines = []
-    for model_key in dict.fromkeys(r["model"] for r in table):
-        get = {(r["density"], r["compensator"]): r for r in table
-               if r["model"] == model_key and r["source"] == "predictor"}
-        none, plain, masked = (get.get((density, m)) for m in ("none", "plain", "masked"))
-        if none is None or plain is None:
-            continue
-        txt = (f"- **{model_key}**, predictor masks at {density:.0%} density: relative FFN-output error "
-               f"**{none['rel_err']:.4f}** without compensation, **{plain['rel_err']:.4f}** with the plain compensator "
-               f"({plain['reduction']:.1%} lower)")
-        if masked is not None:
-            diff = 1 - masked["rel_err"] / plain["rel_err"]
-            txt += (f", **{masked['rel_err']:.4f}** with the mask-conditioned one ({masked['reduction']:.1%} lower); the "
-                    f"mask-conditioned compensator {'**beats**' if diff > 0 else 'does **not** beat'} the plain one "
-                    f"({abs(diff):.1%} {'less' if diff > 0 else 'more'} remaining error)")
-        helps = [q for q in trained if (q, "plain") in get and get[(q, "plain")]["reduction"] > 0]
-        red = ", ".join(f"{get[(q, 'plain')]['reduction']:.1%} at {q:.0%}" for q in trained if (q, "plain") in get)
-        txt += (f". One plain compensator {'reduces' if len(helps) == len(trained) else 'does **not** reduce'} the "
-                f"error at every trained density (by {red})")
-        outside = sorted(q for q, m in get if m == "plain" and q not in trained)
-        if outside:
-            txt += "; outside the trained range: " + ", ".join(
-                f"{get[(q, 'plain')]['reduction']:+.1%} at {q:.0%} (mask-conditioned: "
-                f"{get[(q, 'masked')]['reduction']:+.1%})" if (q, "masked") in get else
-                f"{get[(q, 'plain')]['reduction']:+.1%} at {q:.0%}" for q in outside)
-        lines.append(txt + ".")
-    return "\n".join(lines)
-
-
-def nll_verdict(rows: Sequence[dict[str, Any]]) -> str:
-    """A Markdown summary of `sanity_nll` rows (tagged with 'model'): does each compensator lower the NLL increase?"""
-    lines = []
-    for model_key in dict.fromkeys(r["model"] for r in rows):
-        get = {r["compensator"]: r for r in rows if r["model"] == model_key}
-        if "none" not in get:
-            continue
-        base = get["none"]["rel_change_pct"]
-        parts = [f"{name} {r['rel_change_pct']:+.2f} % ({'better' if r['rel_change_pct'] < base else 'not better'} "
-                 f"than none)" for name, r in get.items() if name not in ("dense", "none")]
-        lines.append(f"- **{model_key}**: continuation NLL vs dense after a 50 % sparse prefill: no compensator "
-                     f"{base:+.2f} %; " + "; ".join(parts) + ".")
-    return "\n".join(lines)

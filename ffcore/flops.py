@@ -39,6 +39,10 @@ from typing import Any, Sequence
 import numpy as np
 
 from ffcore.config import StrictConfig
+from ffcore.engine.layout import (BLOCK_SIZE, block_spans, compensator_rank, predictor_rank, sparse_token_count,
+                                  split_blocks)
+from ffcore.engine.plan import SparsityPlan
+from ffcore.models import OFFLINE_MODELS, TINY_MODELS, offline_model_path, tiny_config
 
 COMPONENTS = ("q_proj", "kv_proj", "o_proj", "attn_scores", "attn_av", "ffn", "lm_head")
 ATTENTION_CORE = ("attn_scores", "attn_av")
@@ -153,8 +157,6 @@ def spec_from_model(model: Any) -> ModelSpec:
 
 def spec_for(key: str) -> ModelSpec:
     """The spec of a built-in config, a tiny test model, an offline model or a local checkpoint (no weights loaded)."""
-    from ffcore.models import OFFLINE_MODELS, TINY_MODELS, offline_model_path, tiny_config
-
     if key in PAPER_MODELS:
         return builtin_spec(key)
     if key in TINY_MODELS:
@@ -166,16 +168,6 @@ def spec_for(key: str) -> ModelSpec:
 
 
 # ---------------------------------------------------------------- FLOP formulas
-def predictor_rank(d: int) -> int:
-    """The expert predictor's bottleneck width r: the power of two at or above d/16."""
-    return 1 << max(0, math.ceil(math.log2(d / 16)))
-
-
-def compensator_rank(d: int) -> int:
-    """The error compensator's bottleneck width d/8 (at least 1)."""
-    return max(1, d // 8)
-
-
 def _ints(T: Any) -> np.ndarray:
     """Context lengths as an integer array; object arrays (exact Python ints) pass through."""
     T = np.asarray(T)
@@ -312,25 +304,16 @@ def paper_rule_crossover(spec: ModelSpec, c: float = PAPER_RULE_C) -> float:
 
 
 # ---------------------------------------------------------------- sparsity plans
-def block_sizes(T: int, block_size: int = 128) -> list[int]:
-    """Token counts of the prompt's blocks; the last one may be partial."""
-    if T < 1 or block_size < 1:
-        raise ValueError(f"need T >= 1 and block_size >= 1, got T={T}, block_size={block_size}")
-    full, rest = divmod(T, block_size)
-    return [block_size] * full + ([rest] if rest else [])
+def block_sizes(T: int, block_size: int = BLOCK_SIZE) -> list[int]:
+    """Token counts of the prompt's blocks (`ffcore.engine.layout`); the last one may be partial."""
+    if T < 1:
+        raise ValueError(f"need T >= 1, got T={T}")
+    return [e - s for s, e in block_spans(T, block_size)]
 
 
-def sparse_block_mask(n_blocks: int, dense_first: bool = True, dense_last: bool = True) -> list[bool]:
-    """Which blocks run sparse: all except the first/last when those are kept dense."""
-    return [
-        not ((dense_first and i == 0) or (dense_last and i == n_blocks - 1)) for i in range(n_blocks)
-    ]
-
-
-def sparse_tokens(T: int, block_size: int = 128, dense_first: bool = True, dense_last: bool = True) -> int:
+def sparse_tokens(T: int, block_size: int = BLOCK_SIZE, dense_first: bool = True, dense_last: bool = True) -> int:
     """Number of prompt tokens that fall into sparse blocks."""
-    sizes = block_sizes(T, block_size)
-    return sum(n for n, s in zip(sizes, sparse_block_mask(len(sizes), dense_first, dense_last)) if s)
+    return sparse_token_count(T, block_size, dense_first, dense_last)
 
 
 def predictor_flops(spec: ModelSpec, n_tokens: int) -> int:
@@ -344,44 +327,40 @@ def compensator_flops(spec: ModelSpec, n_tokens: int) -> int:
     return 2 * 2 * n_tokens * spec.d * compensator_rank(spec.d)
 
 
-def layer_densities(spec: ModelSpec, densities: float | Sequence[float]) -> list[float]:
-    """Per-layer FFN densities (fraction of neurons kept) from a scalar or a per-layer list."""
-    dens = [float(densities)] * spec.L if np.isscalar(densities) else [float(x) for x in densities]
-    if len(dens) != spec.L:
-        raise ValueError(f"{spec.name}: {len(dens)} densities for L={spec.L} layers")
-    if any(not 0.0 <= x <= 1.0 for x in dens):
-        raise ValueError(f"densities must lie in [0, 1], got {dens}")
-    return dens
+def uniform_plan(sparsity: float, block_size: int = BLOCK_SIZE) -> SparsityPlan:
+    """A plan with one density (1 - sparsity) in every layer and first/last blocks dense (no trained parts)."""
+    return SparsityPlan(densities=1.0 - sparsity, policy="random", block_size=block_size)
 
 
-def plan_speedup(
-    spec: ModelSpec, T: int, densities: float | Sequence[float], block_size: int = 128,
-    dense_first: bool = True, dense_last: bool = True, predictor: bool = True, compensator: bool = True,
-    pairs: str = "causal",
-) -> dict[str, Any]:
+def plan_speedup(spec: ModelSpec, T: int, plan: SparsityPlan, overheads: bool | None = None,
+                 pairs: str = "causal") -> dict[str, Any]:
     """Dense vs sparse prefill FLOPs of a FastForward plan and the compute-bound speedup.
 
     A sparse block's FFN FLOPs scale with its layer's density (K = density * f neurons, not
-    rounded). The first/last blocks stay dense when asked; the last block may be partial.
-    Layers with density 1 run dense and need neither predictor nor compensator; in the other
-    layers the predictor runs once per sparse block and the compensator on every token of a
-    sparse block. Attention, projections and the lm head are unchanged.
+    rounded). The first/last blocks stay dense as the plan says; the last block may be partial.
+    Layers with density 1 run dense and need neither predictor nor compensator. `overheads`
+    decides what selection and correction cost: None counts what the plan holds (a trained
+    predictor object: once per sparse block and layer; a compensator: every token of a sparse
+    block); True counts both as the deployed method would (for configurations without weights,
+    e.g. the paper's models); False counts neither. Attention, projections and the lm head are
+    unchanged.
     """
-    dens = layer_densities(spec, densities)
-    sizes = block_sizes(T, block_size)
-    mask = sparse_block_mask(len(sizes), dense_first, dense_last)
-    sparse_sizes = [n for n, s in zip(sizes, mask) if s]
+    dens = plan.layer_densities(spec.L)
+    _, sparse = split_blocks(T, plan.block_size, plan.dense_first, plan.dense_last)
+    sparse_sizes = [e - s for s, e in sparse]
     n_sparse = sum(sparse_sizes)
     dense = prefill_flops(spec, T, pairs)
     dense_total = sum(dense.values())
     ffn_layer = dense["ffn"] // spec.L  # every layer's FFN costs the same
     ffn_sparse = sum(ffn_layer * ((T - n_sparse) + rho * n_sparse) / T for rho in dens)
-    active = [rho < 1.0 for rho in dens]
-    pred = sum(predictor_flops(spec, n) for n in sparse_sizes) * sum(active) if predictor else 0
-    comp = compensator_flops(spec, n_sparse) * sum(active) if compensator else 0
+    active = sum(rho < 1.0 for rho in dens)
+    with_pred = plan.uses_predictor if overheads is None else overheads
+    with_comp = (plan.compensator is not None) if overheads is None else overheads
+    pred = sum(predictor_flops(spec, n) for n in sparse_sizes) * active if with_pred else 0
+    comp = compensator_flops(spec, n_sparse) * active if with_comp else 0
     sparse_total = dense_total - dense["ffn"] + ffn_sparse + pred + comp
     return {
-        "model": spec.name, "T": T, "block_size": block_size, "n_blocks": len(sizes),
+        "model": spec.name, "T": T, "block_size": plan.block_size, "n_blocks": len(block_spans(T, plan.block_size)),
         "sparse_blocks": len(sparse_sizes), "sparse_tokens": n_sparse, "mean_density": float(np.mean(dens)),
         "dense_flops": dense_total, "sparse_flops": sparse_total, "ffn_dense_flops": dense["ffn"],
         "ffn_sparse_flops": ffn_sparse, "predictor_flops": pred, "compensator_flops": comp,
@@ -390,13 +369,13 @@ def plan_speedup(
     }
 
 
-def plan_speedup_curve(spec: ModelSpec, Ts: Sequence[int], densities: float | Sequence[float], **kw: Any) -> list[dict[str, Any]]:
+def plan_speedup_curve(spec: ModelSpec, Ts: Sequence[int], plan: SparsityPlan, **kw: Any) -> list[dict[str, Any]]:
     """`plan_speedup` at each context length (a list of flat records)."""
-    return [plan_speedup(spec, int(T), densities, **kw) for T in Ts]
+    return [plan_speedup(spec, int(T), plan, **kw) for T in Ts]
 
 
 def ffn_ideal_speedup(
-    T: int, density: float, block_size: int = 128, dense_first: bool = True, dense_last: bool = True
+    T: int, density: float, block_size: int = BLOCK_SIZE, dense_first: bool = True, dense_last: bool = True
 ) -> float:
     """Ideal FLOP speedup of the FFN module alone (no predictor/compensator overhead)."""
     if not 0.0 < density <= 1.0:
@@ -436,10 +415,12 @@ def module_share_records(spec: ModelSpec, Ts: Sequence[int], pairs: str = "causa
 
 
 def speedup_records(
-    spec: ModelSpec, Ts: Sequence[int], sparsities: Sequence[float] = PAPER_SPARSITIES, **kw: Any
+    spec: ModelSpec, Ts: Sequence[int], sparsities: Sequence[float] = PAPER_SPARSITIES, overheads: bool = True,
+    pairs: str = "causal",
 ) -> list[dict[str, Any]]:
-    """`plan_speedup` records for uniform FFN sparsity levels (density = 1 - sparsity) over T."""
-    return [r for s in sparsities for r in plan_speedup_curve(spec, Ts, 1.0 - s, **kw)]
+    """`plan_speedup` records for uniform FFN sparsity levels over T (overheads of the deployed method by default)."""
+    return [r for s in sparsities for r in plan_speedup_curve(spec, Ts, uniform_plan(s), overheads=overheads,
+                                                              pairs=pairs)]
 
 
 def peak_speedups(specs: Sequence[ModelSpec], Ts: Sequence[int], sparsity: float = 0.5) -> list[dict[str, Any]]:
@@ -448,7 +429,7 @@ def peak_speedups(specs: Sequence[ModelSpec], Ts: Sequence[int], sparsity: float
     for spec in specs:
         for pairs in PAIR_MODES:
             for overheads in (True, False):
-                recs = speedup_records(spec, Ts, [sparsity], pairs=pairs, predictor=overheads, compensator=overheads)
+                recs = speedup_records(spec, Ts, [sparsity], overheads=overheads, pairs=pairs)
                 best = max(recs, key=lambda r: r["speedup"])
                 rows.append({"model": spec.name, "sparsity": sparsity, "pairs": pairs, "overheads": overheads,
                              "T_at_peak": best["T"], "peak_speedup": best["speedup"]})

@@ -278,6 +278,11 @@ def model_fingerprint(model: nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
+def model_slug(model_key: str) -> str:
+    """A folder name for a model key or a local checkpoint path."""
+    return Path(str(model_key).rstrip("/")).name or "model"
+
+
 def model_dims(model: nn.Module) -> dict[str, int]:
     """d, f, L, heads, kv heads and head_dim of a loaded model."""
     cfg = model.config

@@ -41,21 +41,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ffcore import flops
 from ffcore.artifacts import read_artifact, save_artifact
-from ffcore.collect import CollectConfig, Collection, model_slug
+from ffcore.collect import Collection
 from ffcore.config import StrictConfig
+from ffcore.engine.layout import BLOCK_SIZE, experts_for, predictor_rank
+from ffcore.engine.policies import SelectContext, topk_sorted
 from ffcore.models import model_fingerprint
-from ffcore.policies import SelectContext, topk_sorted
-from ffcore.profiles import pick
-from ffcore.results import out_dirs
 
 ARTIFACT_STEM = "predictor"
 DENSITIES = (0.5, 0.6, 0.7)
-
-
-def predictor_rank(d: int) -> int:
-    """The predictor's bottleneck width r: the power of two at or above d/16."""
-    return 1 << max(0, math.ceil(math.log2(d / 16)))
 
 
 # ------------------------------------------------------------------------------ labels
@@ -183,13 +178,6 @@ class ExpertPredictor(nn.Module):
 
 
 # ------------------------------------------------------------------------------ artifacts
-def predictor_dir(model_key: str, profile: str) -> Path:
-    """`out_dirs(profile).artifacts/<model>/` (the predictor files are `predictor.*` there)."""
-    path = out_dirs(profile).artifacts / model_slug(model_key)
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
 def save_predictor(pred: ExpertPredictor, folder: Path) -> Path:
     """Write `predictor.safetensors` (all layers) and `predictor.json` (metadata) into `folder`."""
     meta = {**pred.meta, "L": pred.L, "d": pred.d, "f": pred.f, "r": pred.r, "bias": pred.bias}
@@ -474,7 +462,7 @@ def selection_metrics(
     rows: list[dict[str, Any]] = []
     f = coll.scores.shape[-1]
     for density in densities:
-        k = max(1, round(density * f))
+        k = experts_for(density, f)
         masks = _chosen_masks(coll, k, predicted, prior, seed)
         sc = coll.scores
         oracle_mass = (sc * masks["oracle"]).sum(-1)  # [n, L]
@@ -490,131 +478,12 @@ def selection_metrics(
     return rows
 
 
-def predictor_flop_share(d: int, f: int, r: int | None = None, block_size: int = 128) -> dict[str, float]:
-    """Predictor FLOPs per block and layer, and their share of that block's dense FFN FLOPs."""
+def predictor_flop_share(d: int, f: int, r: int | None = None, block_size: int = BLOCK_SIZE) -> dict[str, float]:
+    """Predictor FLOPs per block and layer (the FLOP model's count), and their share of that block's dense FFN FLOPs."""
     r = predictor_rank(d) if r is None else r
     pred = 4 * block_size * d + 2 * d * r + 2 * r * f  # pool (q X^T and the weighted sum) + MLP
     ffn = 6 * block_size * d * f  # gate, up and down projections
-    try:  # cross-check against the project's FLOP model when it is there
-        from ffcore import flops as _fl
-
-        spec = _fl.ModelSpec("probe", d=d, f=f, L=1, heads=1, kv_heads=1, head_dim=d, vocab=1)
-        if _fl.predictor_rank(d) == r:
-            assert _fl.predictor_flops(spec, block_size) == pred
-    except ImportError:  # pragma: no cover
-        pass
+    if r == predictor_rank(d):  # the FLOP model counts the default width: both must agree
+        spec = flops.ModelSpec("probe", d=d, f=f, L=1, heads=1, kv_heads=1, head_dim=d, vocab=1)
+        assert flops.predictor_flops(spec, block_size) == pred
     return {"predictor_flops": pred, "ffn_flops": ffn, "share": pred / ffn, "r": r}
-
-
-# ------------------------------------------------------------------------------ sanity check
-@torch.no_grad()
-def continuation_nll(model: nn.Module, input_ids: Tensor, ctx_len: int, plan: Any = None) -> float:
-    """Mean NLL of tokens after `ctx_len`: prefill the context under `plan` (sparse), then score densely.
-
-    input_ids [n, T]; the context is prefilled inside `ffcore.sparsify(model, plan)` (plan None =
-    dense), the continuation runs dense with the KV cache; one sample at a time.
-    """
-    import contextlib
-
-    from ffcore.engine import sparsify
-
-    total, count = 0.0, 0
-    for row in input_ids:
-        ids = row.unsqueeze(0)  # [1, T]
-        ctx = sparsify(model, plan) if plan is not None else contextlib.nullcontext()
-        with ctx:
-            out = model(input_ids=ids[:, :ctx_len], use_cache=True)
-        cont = model(input_ids=ids[:, ctx_len:-1], past_key_values=out.past_key_values, use_cache=True)
-        logits = torch.cat([out.logits[:, -1:], cont.logits], dim=1).float()  # [1, T - ctx_len, V]
-        nll = F.cross_entropy(logits[0], ids[0, ctx_len:], reduction="sum")
-        total, count = total + float(nll), count + ids.shape[1] - ctx_len
-    return total / count
-
-
-# ------------------------------------------------------------------------------ profiles
-@dataclasses.dataclass
-class Notebook03Settings(StrictConfig):
-    """Per-profile sizes for notebook 03 (collection, training, sanity check)."""
-
-    train: CollectConfig
-    heldout: CollectConfig
-    predictor: PredictorConfig
-    nll_samples: int
-    nll_ctx: int
-    nll_cont: int
-
-
-def settings(profile: str, seed: int = 0) -> Notebook03Settings:
-    """The notebook-03 settings of a profile (smoke: tiny models in seconds; full: ~8 min on 2 idle CPU cores).
-
-    Collection dominates the cost (one dense forward per token); in development runs on
-    smollm2-135m, 48 training samples beat 32 (held-out captured mass 0.953 vs 0.945), so
-    `full` uses as many as the runtime target allows.
-    """
-    seq = pick(profile, 512, 1024, 1024)
-    train = CollectConfig(split="train", n_samples=pick(profile, 6, 16, 40), seq_len=seq, seed=seed)
-    heldout = CollectConfig(split="eval", n_samples=pick(profile, 3, 6, 6), seq_len=seq, seed=seed)
-    pcfg = PredictorConfig(seed=seed, mean_pool_epochs=pick(profile, 30, 40, 40), max_epochs=pick(profile, 2, 2, 2),
-                           batch_blocks=pick(profile, 4, 32, 32))
-    return Notebook03Settings(train, heldout, pcfg, nll_samples=pick(profile, 1, 2, 3),
-                              nll_ctx=pick(profile, 384, 1024, 1024), nll_cont=pick(profile, 32, 64, 64))
-
-
-# ------------------------------------------------------------------------------ notebook helpers
-def mean_rows(rows: Sequence[dict[str, Any]], model_key: str) -> list[dict[str, Any]]:
-    """The layer-averaged rows of `selection_metrics`, tagged with the model (the Table 7 analogue)."""
-    return [{"model": model_key, "policy": r["policy"], "density": r["density"], "k": r["k"],
-             "recall": round(r["recall"], 4), "mass": round(r["mass"], 4)} for r in rows if r["layer"] == -1]
-
-
-def sanity_nll(
-    model: nn.Module, tokenizer: Any, predictor: ExpertPredictor, n_samples: int, ctx_len: int, cont_len: int,
-    density: float = 0.5, seed: int = 0, policies: Sequence[str] = ("dense", "oracle", "predictor", "first_block_static"),
-) -> list[dict[str, Any]]:
-    """Continuation NLL on eval samples after a sparse prefill (first/last block dense) for each policy."""
-    from ffcore.data import token_samples
-    from ffcore.plan import SparsityPlan
-
-    ids = token_samples(tokenizer, "eval", ctx_len + cont_len, n_samples, seed=seed)["input_ids"]  # [n, T]
-    rows = []
-    for name in policies:
-        t0 = time.time()
-        plan = None if name == "dense" else SparsityPlan(
-            densities=density, policy=predictor if name == "predictor" else name, seed=seed)
-        nll = continuation_nll(model, ids, ctx_len, plan)
-        rows.append({"policy": name, "density": 1.0 if name == "dense" else density, "nll": round(nll, 5),
-                     "seconds": round(time.time() - t0, 1)})
-    dense = rows[0]["nll"] if rows and rows[0]["policy"] == "dense" else None
-    for r in rows:
-        r["rel_change_pct"] = None if dense is None else round(100 * (r["nll"] / dense - 1), 2)
-    return rows
-
-
-def verdict(table: Sequence[dict[str, Any]], density: float = 0.5) -> str:
-    """A Markdown paragraph comparing the predictor with first-block static, computed from `mean_rows` output."""
-    lines = []
-    for model_key in dict.fromkeys(r["model"] for r in table):
-        get = {r["policy"]: r for r in table if r["model"] == model_key and r["density"] == density}
-        p, s, g = get.get("predictor"), get.get("first_block_static"), get.get("global_static")
-        if p is None or s is None:
-            continue
-        beats = p["mass"] > s["mass"]
-        gl = f"; the prompt-independent global-static prior captures {g['mass']:.3f}" if g else ""
-        lines.append(
-            f"- **{model_key}** at {density:.0%} density: the trained predictor captures **{p['mass']:.3f}** of the "
-            f"oracle's importance mass (recall {p['recall']:.3f}) vs **{s['mass']:.3f}** (recall {s['recall']:.3f}) "
-            f"for first-block static{gl}. The predictor "
-            + ("**beats** first-block static." if beats else "does **not** beat first-block static.")
-        )
-    return "\n".join(lines)
-
-
-def nll_verdict(nll_rows: Sequence[dict[str, Any]]) -> str:
-    """A Markdown line per model ranking the policies by continuation-NLL change, computed from `sanity_nll` rows."""
-    lines = []
-    for model_key in dict.fromkeys(r["model"] for r in nll_rows):
-        rs = sorted((r for r in nll_rows if r["model"] == model_key and r["policy"] != "dense"),
-                    key=lambda r: r["rel_change_pct"])
-        ranking = ", ".join(f"{r['policy']} {r['rel_change_pct']:+.2f} %" for r in rs)
-        lines.append(f"- **{model_key}** (NLL change vs dense, best first): {ranking}.")
-    return "\n".join(lines)

@@ -29,23 +29,15 @@ zero-score layers.
 from __future__ import annotations
 
 import math
-import re
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
-
-from torch import nn
-
-from ffcore.results import out_dirs, read_json, write_json
-
-if TYPE_CHECKING:  # pragma: no cover
-    from ffcore.calibration import CalibrationResult
+from typing import Any, Sequence
 
 ORDERS = ("sorted", "layer")
 DEFAULT_MIN_DENSITY = 0.05
 _TOL = 1e-9
 
 
-def _check_budget(budget: float) -> float:
+def check_budget(budget: float) -> float:
+    """Return the budget as a float, or raise if it is outside (0, 1]."""
     budget = float(budget)
     if not (0.0 < budget <= 1.0):  # also rejects NaN
         raise ValueError(f"density budget must be in (0, 1] (density = 1 - sparsity), got {budget}")
@@ -67,7 +59,7 @@ def _check_scores(scores: Sequence[float]) -> list[float]:
 def algorithm1(scores: Sequence[float], budget: float, order: str = "sorted") -> list[float]:
     """Algorithm 1 without a floor: densities in [0, 1] in layer order (see the module docstring)."""
     s = _check_scores(scores)
-    budget = _check_budget(budget)
+    budget = check_budget(budget)
     if order not in ORDERS:
         raise ValueError(f"unknown order {order!r}; choose one of {ORDERS}")
     idx = list(range(len(s)))
@@ -94,7 +86,7 @@ def layerwise_schedule(
     Each density is in `[min_density, 1]`; with `order="sorted"` the mean equals `budget`.
     """
     s = _check_scores(scores)
-    budget = _check_budget(budget)
+    budget = check_budget(budget)
     if not (0.0 < min_density <= 1.0):
         raise ValueError(f"min_density must be in (0, 1], got {min_density}")
     if budget < min_density - _TOL:
@@ -135,7 +127,7 @@ def uniform_schedule(n_layers: int, budget: float) -> list[float]:
     """The same density in every layer (the paper's 'uniform' ablation)."""
     if int(n_layers) != n_layers or n_layers < 1:
         raise ValueError(f"n_layers must be a positive integer, got {n_layers}")
-    return [_check_budget(budget)] * int(n_layers)
+    return [check_budget(budget)] * int(n_layers)
 
 
 def plans_for(
@@ -160,82 +152,6 @@ def compare_orders(scores: Sequence[float], budgets: Sequence[float]) -> list[di
             "monotonicity_violations_layer_order": inversions,
         })
     return rows
-
-
-# ---------------------------------------------------------------------------- files
-def schedule_name(model_key: str) -> str:
-    """Result name of a model's schedule file: `02_schedule_<key>` (a path key is reduced to a safe name)."""
-    key = Path(str(model_key).rstrip("/")).name if "/" in str(model_key) else str(model_key)
-    return "02_schedule_" + re.sub(r"[^A-Za-z0-9_.-]+", "_", key)
-
-
-def _budget_key(budget: float) -> str:
-    return f"{budget:.4f}"
-
-
-def save_schedules(
-    calib: "CalibrationResult", profile: str, budgets: Sequence[float] = (0.7, 0.6, 0.5),
-    min_density: float = DEFAULT_MIN_DENSITY, order: str = "sorted",
-) -> Path:
-    """Write one model's schedules for all `budgets` (with the calibration's provenance) as JSON."""
-    info = calib.calibration_info()
-    s = info["s_i"]
-    plans = []
-    for b in budgets:
-        b = _check_budget(b)
-        plans.append({
-            "budget": b, "sparsity": round(1.0 - b, 6),
-            "densities": layerwise_schedule(s, b, min_density=min_density, order=order),
-            "literal_layer_order": algorithm1(s, b, order="layer"),  # the paper's walk, no floor
-            "capped_layers": [i for i, x in enumerate(algorithm1(s, b)) if x >= 1.0 - 1e-12],
-            "uniform": uniform_schedule(len(s), b),
-        })
-    payload = {
-        "model": info["model"], "fingerprint": info["fingerprint"], "calibration": info,
-        "min_density": min_density, "order": order, "schedules": plans,
-    }
-    return write_json(schedule_name(info["model"]), payload, profile,
-                      model=info["model"], fingerprint=info["fingerprint"])
-
-
-def load_schedule(
-    model: nn.Module | str, budget: float, profile: str, fingerprint: str | None = None,
-) -> list[float]:
-    """Per-layer densities for `model` at `budget`, refusing a file calibrated on another model.
-
-    `model` is a loaded model (its key is `model.ffcore_name`, its fingerprint is computed), or a
-    key string together with `fingerprint`. A budget not stored in the file is recomputed from the
-    stored s_i with the stored floor and order; budget 1.0 is all-dense.
-    """
-    from ffcore.models import model_fingerprint
-
-    budget = _check_budget(budget)
-    if isinstance(model, nn.Module):
-        key = getattr(model, "ffcore_name", None)
-        if key is None:
-            raise ValueError("model has no ffcore_name: load it with ffcore.models.load_model, or pass its key")
-        fingerprint = model_fingerprint(model)
-    else:
-        key = str(model)
-        if fingerprint is None:
-            raise ValueError(
-                f"load_schedule({key!r}, ...) with a key needs fingerprint=... (or pass the loaded model) "
-                "so a schedule calibrated on another model is refused"
-            )
-    doc = read_json(schedule_name(key), profile)
-    if doc.get("fingerprint") != fingerprint:
-        raise ValueError(
-            f"schedule file {out_dirs(profile).results / (schedule_name(key) + '.json')} was calibrated on "
-            f"model {doc.get('model')!r} with fingerprint {doc.get('fingerprint')}, but this model "
-            f"({key!r}) has fingerprint {fingerprint}: re-run notebook 02 for this model"
-        )
-    for plan in doc["schedules"]:
-        if abs(plan["budget"] - budget) < 1e-9:
-            return list(plan["densities"])
-    s = doc["calibration"]["s_i"]
-    if budget >= 1.0:
-        return [1.0] * len(s)
-    return layerwise_schedule(s, budget, min_density=doc["min_density"], order=doc["order"])
 
 
 def schedule_summary(schedule: Any) -> dict[str, Any]:

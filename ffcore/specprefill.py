@@ -38,6 +38,7 @@ import collections
 import contextlib
 import copy
 import dataclasses
+import enum
 import inspect
 import math
 import statistics
@@ -49,11 +50,34 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ffcore.config import StrictConfig
+from ffcore.decoding import greedy_decode
+from ffcore.engine import SparsityPlan
 from ffcore.flops import ModelSpec, causal_pairs, plan_speedup, prefill_flops, spec_from_config
 from ffcore.models import cache_from_kwargs, decoder_layers
-from ffcore.profiles import pick
 
 WINDOW_MODES = ("positions", "cache")
+
+
+class Method(str, enum.Enum):
+    """Which prefill a configuration runs (the value is what records and tables store)."""
+
+    DENSE = "dense"
+    SPECPREFILL = "specprefill"
+    FASTFORWARD = "fastforward"
+    COMBINATION = "specprefill+fastforward"
+    SPECPREFILL_CACHE_WINDOWS = "specprefill, windows on cache slots"
+    SPECPREFILL_NO_LAST = "specprefill, last chunk not forced"
+    COMBINATION_NO_LAST = "specprefill+fastforward, last chunk not forced"
+
+    @property
+    def drops_tokens(self) -> bool:
+        """Whether the configuration prefills only SpecPrefill's kept tokens."""
+        return self not in (Method.DENSE, Method.FASTFORWARD)
+
+    @property
+    def sparse_ffn(self) -> bool:
+        """Whether FastForward's block-sparse FFN runs."""
+        return self in (Method.FASTFORWARD, Method.COMBINATION, Method.COMBINATION_NO_LAST)
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -375,18 +399,18 @@ def extend(model: nn.Module, cache: PositionCache, input_ids: Tensor, logits: bo
     return logits
 
 
-@torch.no_grad()
-def greedy_decode(model: nn.Module, logits: Tensor, cache: PositionCache, max_new_tokens: int,
-                  eos_token_id: int | None = None) -> Tensor:
-    """Greedy continuation [1, n] from next-token logits [1, V] and a cache (dense decode steps)."""
-    out = []
-    for step in range(max_new_tokens):
-        tok = logits.argmax(-1, keepdim=True)  # [1, 1]
-        out.append(tok)
-        if (eos_token_id is not None and int(tok) == eos_token_id) or step == max_new_tokens - 1:
-            break
-        logits = extend(model, cache, tok)[:, -1]
-    return torch.cat(out, dim=1) if out else torch.zeros(1, 0, dtype=torch.long)
+class PositionDecode:
+    """Continues a `PositionCache` (decode steps, teacher forcing) at the positions after the original prompt.
+
+    The `ffcore.decoding.Extender` for SpecPrefill: `greedy_decode(model, out.logits[0], out.cache, n, POSITIONS)`.
+    """
+
+    def extend(self, model: nn.Module, state: "PositionCache", input_ids: Tensor) -> Tensor:
+        """Feed input_ids [1, n] after the cache: logits [n, V]."""
+        return extend(model, state, input_ids)[0]
+
+
+POSITIONS = PositionDecode()
 
 
 # ----------------------------------------------------------------------------- token scoring
@@ -581,9 +605,11 @@ def speculative_generate(
     main_model: nn.Module, speculator: nn.Module | None, input_ids: Tensor, keep_rate: float, max_new_tokens: int,
     config: SpecPrefillConfig | None = None, eos_token_id: int | None = None, **kw: Any,
 ) -> Tensor:
-    """Greedy continuation tokens [1, n] after a SpecPrefill (dense decode from the kept-token cache)."""
+    """Greedy continuation tokens [1, n] after a SpecPrefill (decode continues from the kept-token cache)."""
     logits, cache, _ = speculative_prefill(main_model, speculator, input_ids, keep_rate, config, **kw)
-    return greedy_decode(main_model, logits, cache, max_new_tokens, eos_token_id)
+    eos = () if eos_token_id is None else (eos_token_id,)
+    new = greedy_decode(main_model, logits[0], cache, max_new_tokens, POSITIONS, eos)
+    return torch.tensor([new], dtype=torch.long)
 
 
 # ----------------------------------------------------------------------------- FLOPs and speedup
@@ -630,23 +656,22 @@ def _attention_adjustment(spec: ModelSpec, positions: Tensor, window: str) -> in
 
 def specprefill_flops(
     main_spec: ModelSpec, T: int, kept: Tensor, speculator_spec: ModelSpec | None = None, lookahead: int = 0,
-    densities: float | Sequence[float] | None = None, window: str = "positions", fastforward_overheads: bool = True,
-    **plan_kw: Any,
+    plan: SparsityPlan | None = None, window: str = "positions", fastforward_overheads: bool | None = True,
 ) -> dict[str, Any]:
     """Compute-bound FLOPs and speedup: dense main prefill vs speculator + main prefill of the kept tokens.
 
-    `densities` adds FastForward's block-sparse FFN on the kept tokens (`flops.plan_speedup`;
-    `fastforward_overheads` counts the predictor and compensator of the deployed method).
-    `speculator_spec=None` = no speculator (FastForward alone when all tokens are kept).
+    `plan` adds FastForward's block-sparse FFN on the kept tokens (`flops.plan_speedup`;
+    `fastforward_overheads` is its `overheads`: True counts the predictor and compensator of the
+    deployed method, None what the plan holds). `speculator_spec=None` = no speculator (FastForward
+    alone when all tokens are kept).
     """
     kept = kept.view(-1)
     K = int(kept.numel())
     dense = _total(prefill_flops(main_spec, T))
-    if densities is None:
+    if plan is None:
         main = _total(prefill_flops(main_spec, K))
     else:
-        kw = dict(predictor=fastforward_overheads, compensator=fastforward_overheads, **plan_kw)
-        main = plan_speedup(main_spec, K, densities, **kw)["sparse_flops"]
+        main = plan_speedup(main_spec, K, plan, overheads=fastforward_overheads)["sparse_flops"]
     main += _attention_adjustment(main_spec, kept, window) if K < T else 0
     spec = speculator_flops(speculator_spec, T, lookahead) if speculator_spec is not None else {}
     spec_total = sum(spec.values())
@@ -658,104 +683,7 @@ def specprefill_flops(
     }
 
 
-# ----------------------------------------------------------------------------- evaluation helpers
-class Continuation(NamedTuple):
-    """Teacher-forced scoring of the true continuation after a prefill."""
-
-    nll: Tensor  # [C] negative log-likelihood of each continuation token
-    argmax: Tensor  # [C] the model's top-1 prediction at each continuation position
-
-
-@torch.no_grad()
-def score_continuation(model: nn.Module, logits: Tensor, cache: PositionCache, cont_ids: Tensor) -> Continuation:
-    """NLL and top-1 of the true continuation cont_ids [1, C], fed densely (teacher forcing) after a prefill."""
-    rest = extend(model, cache, cont_ids[:, :-1])[0] if cont_ids.shape[1] > 1 else logits[:, :0]  # [C-1, V]
-    all_logits = torch.cat([logits, rest.view(-1, logits.shape[-1])]).float()  # [C, V]
-    nll = F.cross_entropy(all_logits, cont_ids[0].to(all_logits.device), reduction="none")
-    return Continuation(nll.cpu(), all_logits.argmax(-1).cpu())
-
-
-def median_seconds(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> tuple[float, list[float]]:
-    """Median wall time of `fn()` over `repeats` runs after `warmup` untimed ones (and every run)."""
-    for _ in range(warmup):
-        fn()
-    runs = []
-    for _ in range(max(1, repeats)):
-        t0 = time.perf_counter()
-        fn()
-        runs.append(time.perf_counter() - t0)
-    return statistics.median(runs), runs
-
-
-# ----------------------------------------------------------------------------- notebook experiments
-@dataclasses.dataclass
-class SpecPrefillRunConfig(StrictConfig):
-    """Per-profile knobs of notebook 08 (SpecPrefill, FastForward and their combination).
-
-    seq_len / cont_len: prompt tokens and scored continuation tokens per sample.
-    n_samples:          eval-split samples per model (half prose, half code).
-    keep_rates:         SpecPrefill keep rates with each speculator.
-    prefix_fraction:    the self-speculator runs round(fraction * L) of the main model's layers.
-    sparsities:         FastForward FFN sparsities (oracle experts, uniform, first/last block dense).
-    combo_keep_rates / combo_sparsities: the grid of the combination (first-N speculator).
-    timing_repeats:     timed repeats per TTFT measurement (median reported).
-    passkey_samples / passkey_len: the passkey check (0 = skip).
-    lookahead:          the speculators' look-ahead tokens.
-    max_gap:            relative continuation-NLL gap allowed for the timed "best" points.
-    block_size:         FastForward's block size (128 as in the paper; smaller for the tiny smoke prompts).
-    suite_keep_rates:   SpecPrefill keep rates (self-speculator) evaluated on notebook 05's suite.
-    suite_same_model_keep_rates: the same with the main model as its own speculator.
-    suite_no_last_keep_rates:    keep rates evaluated without forcing the last chunk (the question) in.
-    suite_combos:       (keep rate, FFN sparsity) pairs of the combination on the suite.
-    """
-
-    models: list[str]
-    seq_len: int
-    cont_len: int
-    n_samples: int
-    keep_rates: list[float]
-    prefix_fraction: float
-    sparsities: list[float]
-    combo_keep_rates: list[float]
-    combo_sparsities: list[float]
-    timing_repeats: int
-    passkey_samples: int
-    passkey_len: int
-    lookahead: int = 8
-    max_gap: float = 0.05  # "best point" = highest FLOP speedup within this relative NLL gap
-    block_size: int = 128
-    suite_keep_rates: list[float] = dataclasses.field(default_factory=list)
-    suite_same_model_keep_rates: list[float] = dataclasses.field(default_factory=list)
-    suite_no_last_keep_rates: list[float] = dataclasses.field(default_factory=list)
-    suite_combos: list[list[float]] = dataclasses.field(default_factory=list)
-
-
-def run_config(profile: str) -> SpecPrefillRunConfig:
-    """Notebook 08's knobs (smoke: tiny models in seconds; full: both real models, 1K-token prompts, few samples)."""
-    return pick(
-        profile,
-        smoke=SpecPrefillRunConfig(
-            models=["tiny-llama", "tiny-gemma3"], seq_len=192, cont_len=16, n_samples=2,
-            keep_rates=[0.5, 0.9], prefix_fraction=0.5, sparsities=[0.5], combo_keep_rates=[0.5],
-            combo_sparsities=[0.5], timing_repeats=1, passkey_samples=1, passkey_len=160, lookahead=2,
-            block_size=32, suite_keep_rates=[0.5], suite_no_last_keep_rates=[0.5], suite_combos=[[0.5, 0.5]],
-        ),
-        quick=SpecPrefillRunConfig(
-            models=["smollm2-135m", "gemma3-270m"], seq_len=512, cont_len=32, n_samples=2,
-            keep_rates=[0.3, 0.5, 0.7], prefix_fraction=0.25, sparsities=[0.5], combo_keep_rates=[0.5],
-            combo_sparsities=[0.5], timing_repeats=1, passkey_samples=1, passkey_len=384,
-            suite_keep_rates=[0.3, 0.5], suite_no_last_keep_rates=[0.5], suite_combos=[[0.5, 0.5]],
-        ),
-        full=SpecPrefillRunConfig(
-            models=["smollm2-135m", "gemma3-270m"], seq_len=1024, cont_len=64, n_samples=4,
-            keep_rates=[0.3, 0.5, 0.7], prefix_fraction=0.25, sparsities=[0.3, 0.4, 0.5],
-            combo_keep_rates=[0.5, 0.7], combo_sparsities=[0.5], timing_repeats=3, passkey_samples=2,
-            passkey_len=768, suite_keep_rates=[0.3, 0.5], suite_no_last_keep_rates=[0.5],
-            suite_combos=[[0.5, 0.5]],
-        ),
-    )
-
-
+# ----------------------------------------------------------------------------- the self-speculator
 def prefix_layers(model: nn.Module, fraction: float) -> int:
     """How many layers the self-speculator keeps: round(fraction * L), at least 1, and at least up to the first
     full-attention layer.
@@ -770,351 +698,3 @@ def prefix_layers(model: nn.Module, fraction: float) -> int:
     if all(w is not None for w in windows[:n]) and any(w is None for w in windows):
         n = windows.index(None) + 1
     return n
-
-
-PlanFactory = Callable[[float], Any]  # FFN sparsity -> the FastForward SparsityPlan to run
-
-
-def _ff_plan(sparsity: float, block_size: int, policy: str = "oracle") -> Any:
-    from ffcore.plan import SparsityPlan
-
-    return SparsityPlan(densities=1.0 - sparsity, policy=policy, block_size=block_size, dense_first=True, dense_last=True)
-
-
-def _plan_factory(ff_plan: PlanFactory | None, block_size: int, policy: str = "oracle") -> PlanFactory:
-    """The given factory, or uniform densities with `policy` experts and the first/last block dense."""
-    return ff_plan or (lambda s: _ff_plan(s, block_size, policy))
-
-
-def plan_flops_kw(plan: Any) -> dict[str, Any]:
-    """The `specprefill_flops` keywords of a FastForward plan (its densities, block size, dense blocks)."""
-    return dict(densities=plan.densities, block_size=plan.block_size, dense_first=plan.dense_first,
-                dense_last=plan.dense_last)
-
-
-def _split_sample(ids: Tensor, seq_len: int) -> tuple[Tensor, Tensor]:
-    """One [seq_len + cont_len] sample -> prompt [1, seq_len], continuation [1, cont_len]."""
-    return ids[None, :seq_len], ids[None, seq_len:]
-
-
-class _Speculator(NamedTuple):
-    name: str
-    model: nn.Module
-    spec: ModelSpec
-
-
-def _speculators(model: nn.Module, fraction: float) -> list[_Speculator]:
-    """The two speculators of the notebook: the main model itself and its first-N-layers view."""
-    from ffcore.flops import spec_from_model
-
-    n = prefix_layers(model, fraction)
-    view = layer_prefix_view(model, n)
-    return [_Speculator("same model", model, spec_from_model(model)),
-            _Speculator(f"first {n} layers", view, spec_from_model(view))]
-
-
-@torch.no_grad()
-def quality_records(
-    model: nn.Module, tokenizer: Any, cfg: SpecPrefillRunConfig, seed: int = 0, log: Callable[[str], None] | None = print,
-    ff_plan: PlanFactory | None = None,
-) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Continuation NLL / top-1 agreement of dense, SpecPrefill, FastForward and the combination on eval samples.
-
-    For each eval-split sample the first `seq_len` tokens are the prompt and the next `cont_len`
-    the true continuation, scored by a dense teacher-forced decode from each method's prefill
-    cache. FastForward runs `ff_plan(sparsity)` (default: uniform densities, per-block oracle experts).
-    Returns (one record per sample and method, {speculator name: TokenScores of sample 0}).
-    """
-    from ffcore.data import token_samples
-    from ffcore.engine import sparsify
-    from ffcore.flops import spec_from_model
-
-    name = getattr(model, "ffcore_name", type(model).__name__)
-    spec_main = spec_from_model(model)
-    method_cfg = SpecPrefillConfig(lookahead=cfg.lookahead)
-    specs = _speculators(model, cfg.prefix_fraction)
-    view = specs[-1]
-    plan_for = _plan_factory(ff_plan, cfg.block_size)
-    sliding = any(w is not None for w in _windows(model))
-    data = token_samples(tokenizer, "eval", cfg.seq_len + cfg.cont_len, cfg.n_samples, seed=seed)
-    rows: list[dict[str, Any]] = []
-    examples: dict[str, Any] = {}
-    t_start = time.perf_counter()
-    for i, ids in enumerate(data["input_ids"]):
-        prompt, cont = _split_sample(ids, cfg.seq_len)
-        T = prompt.shape[1]
-        base = {"model": name, "sample": i, "source": data["source"][i], "T": T}
-        dense = score_continuation(model, *prefill_at(model, prompt), cont)
-
-        def record(method: str, res: Continuation, flops: dict[str, Any], **extra: Any) -> None:
-            rows.append({
-                **base, "method": method, "speculator": None, "keep_rate": None, "sparsity": None, **extra,
-                "kept_tokens": flops["kept_tokens"], "nll": float(res.nll.mean()),
-                "dense_nll": float(dense.nll.mean()), "top1_agree": float((res.argmax == dense.argmax).float().mean()),
-                "first_agree": float(res.argmax[0] == dense.argmax[0]), "flops_speedup": flops["speedup"],
-                "speculator_share": flops["speculator_share"],
-            })
-
-        all_pos = torch.arange(T)
-        record("dense", dense, specprefill_flops(spec_main, T, all_pos))
-        for sp in specs:
-            scores = score_tokens(sp.model, prompt, method_cfg)
-            if i == 0:
-                examples[sp.name] = scores
-            for p in cfg.keep_rates:
-                out = speculative_prefill(model, None, prompt, p, method_cfg, scores=scores)
-                res = score_continuation(model, out.logits, out.cache, cont)
-                fl = specprefill_flops(spec_main, T, out.kept, sp.spec, cfg.lookahead)
-                record("specprefill", res, fl, speculator=sp.name, keep_rate=p)
-            if sp is view:
-                view_scores = scores
-        if sliding and cfg.combo_keep_rates:  # the window ablation: transformers' own (cache-slot) windows
-            p = cfg.combo_keep_rates[0]
-            cache_cfg = method_cfg.replace(window="cache")
-            out = speculative_prefill(model, None, prompt, p, cache_cfg, scores=view_scores)
-            fl = specprefill_flops(spec_main, T, out.kept, view.spec, cfg.lookahead, window="cache")
-            record("specprefill, windows on cache slots", score_continuation(model, out.logits, out.cache, cont), fl,
-                   speculator=view.name, keep_rate=p)
-        for s in cfg.sparsities:
-            plan = plan_for(s)
-            with sparsify(model, plan):
-                logits, cache = prefill_at(model, prompt)
-            fl = specprefill_flops(spec_main, T, all_pos, **plan_flops_kw(plan))
-            record("fastforward", score_continuation(model, logits, cache, cont), fl, sparsity=s)
-        for p in cfg.combo_keep_rates:
-            for s in cfg.combo_sparsities:
-                plan = plan_for(s)
-                with sparsify(model, plan):
-                    out = speculative_prefill(model, None, prompt, p, method_cfg, scores=view_scores)
-                fl = specprefill_flops(spec_main, T, out.kept, view.spec, cfg.lookahead, **plan_flops_kw(plan))
-                record("specprefill+fastforward", score_continuation(model, out.logits, out.cache, cont), fl,
-                       speculator=view.name, keep_rate=p, sparsity=s)
-        if log:
-            log(f"[{name}] sample {i + 1}/{len(data['input_ids'])} ({data['source'][i]}) done, "
-                f"{time.perf_counter() - t_start:.0f}s")
-    return rows, examples
-
-
-GROUP_KEYS = ("model", "method", "speculator", "keep_rate", "sparsity")
-
-
-def summarize(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Mean over samples per (model, method, speculator, keep rate, sparsity), with the relative NLL gap to dense.
-
-    rel_nll_gap = mean NLL / mean dense NLL - 1 over the same samples (positive = worse than dense).
-    """
-    groups: dict[tuple, list[dict[str, Any]]] = {}
-    for r in rows:
-        groups.setdefault(tuple(r[k] for k in GROUP_KEYS), []).append(r)
-    out = []
-    for key, rs in groups.items():
-        nll = statistics.fmean(r["nll"] for r in rs)
-        dense = statistics.fmean(r["dense_nll"] for r in rs)
-        out.append({
-            **dict(zip(GROUP_KEYS, key)), "n_samples": len(rs), "nll": nll, "dense_nll": dense,
-            "rel_nll_gap": nll / dense - 1.0, "top1_agree": statistics.fmean(r["top1_agree"] for r in rs),
-            "first_agree": statistics.fmean(r["first_agree"] for r in rs),
-            "kept_fraction": statistics.fmean(r["kept_tokens"] / r["T"] for r in rs),
-            "flops_speedup": statistics.fmean(r["flops_speedup"] for r in rs),
-            "speculator_share": statistics.fmean(r["speculator_share"] for r in rs),
-        })
-    return out
-
-
-def method_label(row: dict[str, Any]) -> str:
-    """A short human-readable name of a summary row's configuration."""
-    m = row["method"]
-    if m == "dense":
-        return "dense"
-    if m == "fastforward":
-        return f"FastForward {row['sparsity']:.0%}"
-    spec = f" [{row['speculator']}]" if row.get("speculator") else ""
-    if m == "specprefill+fastforward":
-        return f"SpecPrefill p={row['keep_rate']} + FF {row['sparsity']:.0%}{spec}"
-    if m == "specprefill":
-        return f"SpecPrefill p={row['keep_rate']}{spec}"
-    return f"{m} p={row['keep_rate']}{spec}"
-
-
-def best_point(summary: Sequence[dict[str, Any]], model: str, method: str, max_gap: float,
-               speculator_prefix: str = "first") -> dict[str, Any] | None:
-    """The configuration of a method to time: the highest FLOP speedup (> 1) whose relative NLL gap stays within
-    `max_gap`; else the smallest gap among those faster than dense; else the fastest.
-
-    Only speculators whose name starts with `speculator_prefix` (the cheap self-speculator) count.
-    """
-    cands = [r for r in summary if r["model"] == model and r["method"] == method
-             and (r["speculator"] is None or str(r["speculator"]).startswith(speculator_prefix))]
-    if not cands:
-        return None
-    faster = [r for r in cands if r["flops_speedup"] > 1.0]
-    ok = [r for r in faster if r["rel_nll_gap"] <= max_gap]
-    if ok:
-        return max(ok, key=lambda r: r["flops_speedup"])
-    if faster:
-        return min(faster, key=lambda r: r["rel_nll_gap"])
-    return max(cands, key=lambda r: r["flops_speedup"])
-
-
-@torch.no_grad()
-def ttft_records(
-    model: nn.Module, tokenizer: Any, cfg: SpecPrefillRunConfig, summary: Sequence[dict[str, Any]],
-    max_gap: float = 0.05, seed: int = 0, ff_plan: PlanFactory | None = None,
-) -> list[dict[str, Any]]:
-    """Measured CPU time-to-first-token (medians of repeats) of dense, the best SpecPrefill and the best combination.
-
-    "Best" = `best_point` with `max_gap`. SpecPrefill's time is split into the speculator's scoring
-    (prefill + look-ahead, timed once and shared by both configurations) and the main model's prefill
-    of the kept tokens. The combination runs `ff_plan(sparsity)`: pass the deployed method (trained
-    predictor + compensator) to time what a user would run. The default uses *random* experts: every
-    policy computes the same K experts per block, and the oracle's own dense scoring pass is not a
-    deployable cost.
-    """
-    import os
-
-    from ffcore.data import token_samples
-    from ffcore.engine import sparsify
-
-    name = getattr(model, "ffcore_name", type(model).__name__)
-    prompt = token_samples(tokenizer, "eval", cfg.seq_len, 1, seed=seed)["input_ids"]
-    method_cfg = SpecPrefillConfig(lookahead=cfg.lookahead)
-    view = _speculators(model, cfg.prefix_fraction)[-1]
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-
-    def row(config: str, component: str, med: float, runs: list[float], point: dict[str, Any] | None) -> dict[str, Any]:
-        return {"model": name, "config": config, "component": component, "median_s": med,
-                "runs_s": [round(r, 4) for r in runs], "flops_speedup": point["flops_speedup"] if point else 1.0,
-                "rel_nll_gap": point["rel_nll_gap"] if point else 0.0, "load_avg_1min": load,
-                "torch_threads": torch.get_num_threads()}
-
-    rows = [row("dense", "main prefill", *median_seconds(lambda: prefill_at(model, prompt), cfg.timing_repeats, 0), None)]
-    points = [best_point(summary, name, m, max_gap) for m in ("specprefill", "specprefill+fastforward")]
-    points = [p for p in points if p is not None]
-    if not points:
-        return rows
-    scores = score_tokens(view.model, prompt, method_cfg)
-    spec_time = median_seconds(lambda: score_tokens(view.model, prompt, method_cfg), cfg.timing_repeats, 0)
-    for point in points:
-        kept = select_tokens(scores, point["keep_rate"], method_cfg)
-        config = method_label(point).split(" [")[0]
-        rows.append(row(config, "speculator", *spec_time, point))
-        ctx = sparsify(model, _plan_factory(ff_plan, cfg.block_size, "random")(point["sparsity"])) \
-            if point["sparsity"] else contextlib.nullcontext()
-        with ctx:
-            rows.append(row(config, "main prefill", *median_seconds(
-                lambda: prefill_at(model, prompt, kept), cfg.timing_repeats, 0), point))
-    return rows
-
-
-def ttft_totals(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per (model, config): total TTFT (sum of component medians) and measured speedup over dense."""
-    tot: dict[tuple[str, str], dict[str, Any]] = {}
-    for r in rows:
-        t = tot.setdefault((r["model"], r["config"]), {"model": r["model"], "config": r["config"], "ttft_s": 0.0,
-                                                      "flops_speedup": r["flops_speedup"],
-                                                      "rel_nll_gap": r["rel_nll_gap"]})
-        t["ttft_s"] += r["median_s"]
-        t[f"{r['component'].replace(' ', '_')}_s"] = r["median_s"]
-    out = list(tot.values())
-    for t in out:
-        dense = tot[(t["model"], "dense")]["ttft_s"]
-        t["measured_speedup"] = dense / t["ttft_s"]
-    return out
-
-
-# ----------------------------------------------------------------------------- passkey retrieval
-def passkey_prompt(tokenizer: Any, length: int, key: str, depth: float, seed: int = 0) -> tuple[Tensor, Tensor]:
-    """A passkey prompt of `length` tokens: eval-split prose with the key sentence at `depth`, ending in the question.
-
-    Returns (input_ids [1, length], positions of the needle tokens [n]).
-    """
-    from ffcore.data import token_samples
-
-    needle = tokenizer(f"\nThe pass key is {key}. Remember it. {key} is the pass key.\n", add_special_tokens=False)["input_ids"]
-    question = tokenizer("\nWhat is the pass key? The pass key is", add_special_tokens=False)["input_ids"]
-    n_fill = length - len(needle) - len(question)
-    if n_fill < 8:
-        raise ValueError(f"passkey prompt of {length} tokens is too short for the needle and the question")
-    filler = token_samples(tokenizer, "eval", n_fill, 1, sources=("prose",), seed=seed)["input_ids"][0].tolist()
-    cut = max(1, int(depth * n_fill))
-    ids = filler[:cut] + needle + filler[cut:] + question
-    return torch.tensor([ids]), torch.arange(cut, cut + len(needle))
-
-
-@torch.no_grad()
-def passkey_records(model: nn.Module, tokenizer: Any, cfg: SpecPrefillRunConfig, seed: int = 0,
-                    ff_plan: PlanFactory | None = None) -> list[dict[str, Any]]:
-    """Passkey retrieval (exact digits in an 8-token greedy answer) for dense, SpecPrefill, FastForward and the combination."""
-    from ffcore.engine import sparsify
-
-    name = getattr(model, "ffcore_name", type(model).__name__)
-    method_cfg = SpecPrefillConfig(lookahead=cfg.lookahead)
-    view = _speculators(model, cfg.prefix_fraction)[-1]
-    gen = torch.Generator().manual_seed(seed)
-    rows = []
-    s_max = max(cfg.sparsities) if cfg.sparsities else None
-    for i in range(cfg.passkey_samples):
-        key = str(int(torch.randint(10000, 99999, (1,), generator=gen)))
-        depth = 0.2 + 0.6 * float(torch.rand(1, generator=gen))
-        prompt, needle = passkey_prompt(tokenizer, cfg.passkey_len, key, depth, seed=seed + i)
-        scores = score_tokens(view.model, prompt, method_cfg)
-        runs: list[tuple[str, float | None, float | None]] = [("dense", None, None)]
-        runs += [("specprefill", p, None) for p in cfg.keep_rates if p <= 0.5]
-        runs += [("fastforward", None, s_max)] if s_max else []
-        runs += [("specprefill+fastforward", cfg.combo_keep_rates[0], max(cfg.combo_sparsities))] \
-            if cfg.combo_keep_rates and cfg.combo_sparsities else []
-        for method, p, s in runs:
-            ctx = sparsify(model, _plan_factory(ff_plan, cfg.block_size)(s)) if s else contextlib.nullcontext()
-            with ctx:
-                if p is None:
-                    logits, cache = prefill_at(model, prompt)
-                    kept = torch.arange(prompt.shape[1])
-                else:
-                    logits, cache, kept = speculative_prefill(model, None, prompt, p, method_cfg, scores=scores)
-            answer = tokenizer.decode(greedy_decode(model, logits, cache, 8)[0])
-            rows.append({"model": name, "sample": i, "key": key, "depth": round(depth, 3), "method": method,
-                         "speculator": view.name if p is not None else None, "keep_rate": p, "sparsity": s,
-                         "needle_kept": float(torch.isin(needle, kept).float().mean()),
-                         "answer": answer, "correct": key in answer.replace(" ", "")})
-    return rows
-
-
-# ----------------------------------------------------------------------------- headline
-def headline(
-    summary: Sequence[dict[str, Any]], ttft_rows: Sequence[dict[str, Any]], passkey_rows: Sequence[dict[str, Any]],
-    max_gap: float,
-) -> list[dict[str, Any]]:
-    """Per model: the best SpecPrefill / combination points, FastForward at its highest sparsity, TTFT and passkey."""
-    out = []
-    totals = ttft_totals(ttft_rows)
-    for model in dict.fromkeys(r["model"] for r in summary):
-        rec: dict[str, Any] = {"model": model}
-        rows = [r for r in summary if r["model"] == model]
-        rec["dense_nll"] = round(rows[0]["dense_nll"], 4)
-        for key, method in (("specprefill", "specprefill"), ("combination", "specprefill+fastforward")):
-            b = best_point(summary, model, method, max_gap)
-            if b:
-                rec[f"{key}_best"] = method_label(b)
-                rec[f"{key}_flops_speedup"] = round(b["flops_speedup"], 3)
-                rec[f"{key}_rel_nll_gap_%"] = round(100 * b["rel_nll_gap"], 2)
-                rec[f"{key}_top1_agree"] = round(b["top1_agree"], 3)
-        ff = [r for r in rows if r["method"] == "fastforward"]
-        if ff:
-            f = max(ff, key=lambda r: r["sparsity"])
-            rec["fastforward"] = method_label(f)
-            rec["fastforward_flops_speedup"] = round(f["flops_speedup"], 3)
-            rec["fastforward_rel_nll_gap_%"] = round(100 * f["rel_nll_gap"], 2)
-        for name in ("same", "first"):
-            at = [r for r in rows if r["method"] == "specprefill" and str(r["speculator"]).startswith(name)
-                  and r["keep_rate"] == 0.5]
-            if at:
-                rec[f"specprefill_p0.5_{name}_rel_nll_gap_%"] = round(100 * at[0]["rel_nll_gap"], 2)
-        for t in totals:
-            if t["model"] == model and t["config"] != "dense":
-                tag = "combination" if "+ FF" in t["config"] else "specprefill"
-                rec[f"{tag}_ttft_measured_speedup"] = round(t["measured_speedup"], 3)
-        for method in dict.fromkeys(r["method"] for r in passkey_rows if r["model"] == model):
-            rs = [r for r in passkey_rows if r["model"] == model and r["method"] == method]
-            rec[f"passkey_{method}"] = f"{sum(r['correct'] for r in rs)}/{len(rs)}"
-        out.append(rec)
-    return out

@@ -24,7 +24,7 @@ from typing import Any, Iterator
 TIMING_KEYS = re.compile(
     r"(^provenance$|seconds|_s$|_ms$|^runs?_s|_all_s$|^time|^load|threads$|measured_speedup$|^speedup$|"
     r"^fraction$|^measured_crossover$|^fraction_of_|^dense_s|^sparse_s|^median|^gflops|^share$|_sec$|runtime|"
-    r"^ttft|^created)"
+    r"^ttft|^created|^warmup$|^speedup_|^cpu_)"
 )
 
 

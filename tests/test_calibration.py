@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from ffcore import calibration as cal
+from ffcore.experiments import nb02_calibration as nb02
 from ffcore.models import decoder_layers, load_model
 
 @pytest.fixture(autouse=True, scope="module")
@@ -143,13 +144,13 @@ def test_short_samples_are_refused():
     with pytest.raises(ValueError, match="two 128-token blocks"):
         cal.calibrate(model, tok, n_samples=1, seq_len=200, progress=False)
     with pytest.raises(ValueError, match="two"):
-        cal.CalibrationConfig(n_samples=1, seq_len=255)
+        nb02.CalibrationConfig(n_samples=1, seq_len=255)
 
 
 def test_profile_configs_are_strict():
-    cfg = cal.calibration_config("smoke")
+    cfg = nb02.calibration_config("smoke")
     assert cfg.seq_len >= 2 * cfg.block_size
-    assert cal.calibration_config("full").n_samples >= 1
+    assert nb02.calibration_config("full").n_samples >= 1
     with pytest.raises(ValueError, match="unknown key"):
-        cal.CalibrationConfig.from_dict({"n_samples": 1, "seq_len": 256, "typo": 3})
-    assert cal.calibration_config("smoke", n_samples=3).n_samples == 3
+        nb02.CalibrationConfig.from_dict({"n_samples": 1, "seq_len": 256, "typo": 3})
+    assert nb02.calibration_config("smoke", n_samples=3).n_samples == 3

@@ -10,8 +10,8 @@ from ffcore.collect import (
     CollectConfig, capture_blocks, collect, collection_doc_ids, load_collection_dir,
 )
 from ffcore.models import gated_mlps, load_model
-from ffcore.policies import griffin_scores
-from ffcore.sparse_ffn import dense_activations, fused_ffn
+from ffcore.engine.policies import griffin_scores
+from ffcore.engine.sparse_ffn import dense_activations, fused_ffn
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +26,7 @@ def collections(tiny, tmp_path_factory):
     out = {}
     for split, n in (("train", 5), ("eval", 3)):
         cfg = CollectConfig(split=split, n_samples=n, seq_len=256, samples_per_shard=2, batch_size=2)
-        out[split] = (collect(model, tok, "tiny-llama", "smoke", cfg, folder=root / split, progress=False), cfg)
+        out[split] = (collect(model, tok, cfg, root / split, "tiny-llama", progress=False), cfg)
     return out
 
 
@@ -68,7 +68,7 @@ def test_resume_skips_written_shards(tiny, collections):
     shard = folder / "shard_00001.safetensors"
     before = {p.name: p.stat().st_mtime_ns for p in folder.glob("shard_*")}
     shard.unlink()  # as if interrupted before the second shard
-    collect(model, tok, "tiny-llama", "smoke", cfg, folder=folder, progress=False)
+    collect(model, tok, cfg, folder, "tiny-llama", progress=False)
     after = {p.name: p.stat().st_mtime_ns for p in folder.glob("shard_*")}
     assert set(after) == set(before)
     assert after["shard_00000.safetensors"] == before["shard_00000.safetensors"]  # untouched

@@ -7,12 +7,13 @@ import pytest
 import torch
 
 from ffcore import compensator as fc
+from ffcore.experiments import nb04_compensator as nb04
 from ffcore.collect import CollectConfig, collect, load_collection_dir
 from ffcore.engine import sparsify
 from ffcore.models import gated_mlps, load_model
-from ffcore.plan import SparsityPlan
-from ffcore.policies import griffin_scores, topk_sorted
-from ffcore.sparse_ffn import dense_activations, dense_rows_forward, fused_ffn, sparse_block_forward
+from ffcore.engine.plan import SparsityPlan
+from ffcore.engine.policies import griffin_scores, topk_sorted
+from ffcore.engine.sparse_ffn import dense_activations, dense_rows_forward, fused_ffn, sparse_block_forward
 
 ATOL, RTOL = 1e-5, 1e-5  # fp32 reference comparisons
 
@@ -133,7 +134,7 @@ def test_bad_inputs_are_refused():
     with pytest.raises(ValueError, match="variant"):
         fc.CompensatorConfig(variant="nope")
     with pytest.raises(ValueError, match="variant"):
-        fc.compensator_dir("tiny-llama", "smoke", "other")
+        nb04.compensator_dir("tiny-llama", "smoke", "other")
     with pytest.raises(ValueError, match="variant"):
         fc.compensator_cost(64, 256, 0.5, "other")
 
@@ -239,7 +240,7 @@ def tiny(tmp_path_factory):
     folders = {}
     for split, n in (("train", 8), ("eval", 3)):
         cfg = CollectConfig(split=split, n_samples=n, seq_len=512, samples_per_shard=4, batch_size=4)
-        folders[split] = collect(model, tok, "tiny-llama", "smoke", cfg, folder=root / split, progress=False)
+        folders[split] = collect(model, tok, cfg, root / split, "tiny-llama", progress=False)
     train, held = load_collection_dir(folders["train"]), load_collection_dir(folders["eval"])
     prior = train.scores.mean(0)  # [L, f] a prompt-independent 'predictor': large, partly systematic errors
     src_train = {"oracle": train.scores, "static": prior.expand_as(train.scores)}
@@ -389,9 +390,9 @@ def test_save_load_round_trip_and_mismatch_refusal(tiny, trained):
 
 def test_compensator_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("FFCORE_ROOT", str(tmp_path))
-    path = fc.compensator_dir("smollm2-135m", "smoke", "masked")
+    path = nb04.compensator_dir("smollm2-135m", "smoke", "masked")
     assert path == tmp_path / "build" / "smoke" / "artifacts" / "smollm2-135m" / "compensator_masked" and path.is_dir()
-    assert fc.compensator_dir("smollm2-135m", "smoke").name == "compensator_plain"
+    assert nb04.compensator_dir("smollm2-135m", "smoke").name == "compensator_plain"
 
 
 # ------------------------------------------------------------------ cost and the verdict
@@ -412,15 +413,15 @@ def test_verdict_is_computed_from_the_table():
 
     table = [row(d, "none", 0.2, 0.0) for d in (0.5, 0.6, 0.7)]
     table += [row(d, "plain", 0.18, 0.1) for d in (0.5, 0.6, 0.7)] + [row(0.5, "masked", 0.19, 0.05)]
-    text = fc.verdict(table)
+    text = nb04.verdict(table)
     assert "does **not** beat" in text and "reduces" in text and "0.1800" in text
     table[-1] = row(0.5, "masked", 0.17, 0.15)
-    assert "**beats**" in fc.verdict(table) and "5.6% less remaining error" in fc.verdict(table)
+    assert "**beats**" in nb04.verdict(table) and "5.6% less remaining error" in nb04.verdict(table)
     table += [row(0.8, "plain", 0.1, -0.02), row(0.8, "masked", 0.09, 0.01)]
-    assert "outside the trained range: -2.0% at 80% (mask-conditioned: +1.0%)" in fc.verdict(table)
+    assert "outside the trained range: -2.0% at 80% (mask-conditioned: +1.0%)" in nb04.verdict(table)
     nll = [{"model": "m", "compensator": c, "rel_change_pct": v} for c, v in
            (("dense", 0.0), ("none", 1.2), ("plain", 0.5), ("masked", 1.5))]
-    text = fc.nll_verdict(nll)
+    text = nb04.nll_verdict(nll)
     assert "no compensator +1.20 %" in text and "plain +0.50 % (better than none)" in text
     assert "masked +1.50 % (not better than none)" in text
 

@@ -6,11 +6,14 @@ import inspect
 import pytest
 import torch
 
-from ffcore.engine import SparseMLP, sparsify
+from ffcore.bench import random_experts, synthetic_mlp
+from ffcore.engine import EngineOptions, SparseMLP, sparsify
+from ffcore.engine import sparse_ffn as sf
+from ffcore.engine.layout import block_spans, split_blocks
+from ffcore.engine.plan import SparsityPlan
+from ffcore.engine.policies import OraclePolicy, SelectContext, SelectionPolicy, griffin_scores, make_policy, topk_sorted
+from ffcore.engine.sparse_ffn import block_sparse_ffn, dense_activations, fused_ffn
 from ffcore.models import decoder_layers, gated_mlps, tiny_model
-from ffcore.plan import SparsityPlan
-from ffcore.policies import OraclePolicy, SelectContext, griffin_scores, topk_sorted
-from ffcore.sparse_ffn import block_spans, dense_activations, fused_ffn, split_dense_sparse
 
 ARCHS = ["llama", "qwen3", "gemma3"]
 T = 300  # 3 blocks of 128 minus a partial last block (44 tokens) at block size 128
@@ -37,16 +40,14 @@ def test_density_one_equals_dense(model):
 
 @torch.no_grad()
 def test_gather_path_at_full_k_matches_dense(model):
-    """Selecting every neuron through the gather path reproduces the MLP, per block and grouped."""
-    from ffcore.sparse_ffn import block_sparse_ffn
-
+    """Selecting every neuron through the gather path reproduces the MLP, sequential and block-parallel."""
     mlp = gated_mlps(model)[0]
     x = torch.randn(T, model.config.hidden_size)
     fused = fused_ffn(mlp)
-    dense, sparse = split_dense_sparse(T, 64, False, False)
+    dense, sparse = split_blocks(T, 64, False, False)
     idx = torch.arange(fused.f).expand(len(sparse), -1)
-    for group in (1, 2, 8):
-        y = block_sparse_ffn(x, fused, dense, sparse, idx, mlp, group)
+    for parallel in (False, True):
+        y = block_sparse_ffn(x, fused, dense, sparse, idx, mlp, EngineOptions(block_parallel=parallel))
         torch.testing.assert_close(y, mlp(x), atol=1e-5, rtol=1e-5)
 
 
@@ -69,7 +70,7 @@ def test_oracle_equals_masked_dense(model, density):
     layers = decoder_layers(model)
     x = torch.randn(1, T, model.config.hidden_size, generator=torch.Generator().manual_seed(3))
     plan = SparsityPlan(densities=density, policy="oracle", block_size=64)
-    dense, sparse = split_dense_sparse(T, 64, True, True)
+    dense, sparse = split_blocks(T, 64, True, True)
     k = round(density * mlp.intermediate_size)
     ref = _masked_dense_reference(mlp, x[0], sparse, k, dense)
     with sparsify(model, plan):
@@ -207,12 +208,10 @@ def test_batch_rows_are_independent(model):
 
 
 def test_policies_share_one_interface(model):
-    from ffcore.policies import SelectionPolicy, make_policy
-
     mlp = gated_mlps(model)[0]
     fused = fused_ffn(mlp)
     x = torch.randn(T, model.config.hidden_size)
-    spans = split_dense_sparse(T, 64, True, True)[1]
+    spans = split_blocks(T, 64, True, True)[1]
     ctx = SelectContext(0, x, spans, 17, fused, 64)
     for name in ("dense", "oracle", "first_block_static", "random"):
         pol = make_policy(name)
@@ -229,13 +228,10 @@ def test_policies_share_one_interface(model):
 
 @pytest.mark.parametrize("threads", [2, 3])
 def test_block_parallel_cpu_path_matches_sequential(threads):
-    import ffcore.sparse_ffn as sf
-    from ffcore.bench import random_experts, synthetic_mlp
-
     mlp = synthetic_mlp(64, 96)
     fused = fused_ffn(mlp)
     x = torch.randn(7 * 32 + 5, 64)  # 8 blocks of 32, the last partial
-    dense, sparse = split_dense_sparse(x.shape[0], 32, True, True)
+    dense, sparse = split_blocks(x.shape[0], 32, True, True)
     idx = random_experts(len(sparse), 96, 40, seed=1)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -244,10 +240,9 @@ def test_block_parallel_cpu_path_matches_sequential(threads):
             assert sf.block_workers(x, len(sparse)) == min(threads, len(sparse))
             par = sf.block_sparse_ffn(x, fused, dense, sparse, idx, mlp)
             assert torch.get_num_threads() == threads  # restored after the workers ran
-            sf.BLOCK_PARALLEL = False
-            seq = sf.block_sparse_ffn(x, fused, dense, sparse, idx, mlp)
+            assert sf.block_workers(x, len(sparse), parallel=False) == 1
+            seq = sf.block_sparse_ffn(x, fused, dense, sparse, idx, mlp, EngineOptions(block_parallel=False))
     finally:
-        sf.BLOCK_PARALLEL = True
         torch.set_num_threads(before)
     torch.testing.assert_close(par, seq, rtol=1e-5, atol=1e-6)
     assert sf.block_workers(x.requires_grad_(), len(sparse)) == 1  # autograd stays sequential

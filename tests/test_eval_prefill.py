@@ -5,12 +5,12 @@ import pytest
 import torch
 
 from ffcore.evaluation import runner as R
-from ffcore.evaluation import specprefill_table as ST
+from ffcore.experiments import nb08_specprefill as ST
 from ffcore.evaluation.prefill import FULL, SpecPrefillMethod, kept_ranges, ranges_to_positions
 from ffcore.evaluation.suite import SuiteConfig, build_suite
-from ffcore.evaluation.tables import Components
+from ffcore.experiments.accuracy import Components
 from ffcore.models import load_model, model_fingerprint
-from ffcore.plan import SparsityPlan
+from ffcore.engine.plan import SparsityPlan
 from ffcore.specprefill import SpecPrefillConfig, layer_prefix_view, specprefill_flops
 
 QUIET = R.RunConfig(progress=False, max_new_tokens_cap=6)

@@ -9,7 +9,8 @@ import torch
 from ffcore.evaluation import runner as R
 from ffcore.evaluation.suite import SuiteConfig, build_suite
 from ffcore.models import load_model, model_fingerprint
-from ffcore.plan import SparsityPlan, dense_plan
+from ffcore.engine.plan import SparsityPlan, dense_plan
+from ffcore.predictor import ExpertPredictor
 
 QUIET = R.RunConfig(progress=False, max_new_tokens_cap=6)
 
@@ -26,7 +27,7 @@ def suite(tiny):
     return build_suite(tok, cfg)
 
 
-def test_cache_key_changes_with_plan_model_suite_seed_and_tag(tiny):
+def test_cache_key_changes_with_plan_model_suite_seed_and_weights(tiny):
     model, _ = tiny
     fp = model_fingerprint(model)
     p50 = SparsityPlan(densities=0.5, policy="oracle")
@@ -39,7 +40,7 @@ def test_cache_key_changes_with_plan_model_suite_seed_and_tag(tiny):
         R.config_key(fp, p50.replace(dense_last=False), "ffcore-local/1", 0),
         R.config_key(fp, p50, "ffcore-local/2", 0),
         R.config_key(fp, p50, "ffcore-local/1", 1),
-        R.config_key(fp, p50, "ffcore-local/1", 0, tag="predictor-v2"),
+        R.config_key(fp, p50.replace(policy=ExpertPredictor(4, 64, 256)), "ffcore-local/1", 0),  # a trained policy
         R.config_key("0" * 16, p50, "ffcore-local/1", 0),
     ]
     assert len({base, *others}) == len(others) + 1
@@ -95,7 +96,7 @@ def test_evaluate_dense_sparse_and_incremental_cache(tiny, suite, tmp_path, monk
     files = sorted(p.name for p in tmp_path.iterdir())
     assert len([f for f in files if f.endswith(".jsonl")]) == 2  # dense reference reused, not recomputed
     meta = json.loads(next(tmp_path.glob("*.meta.json")).read_text())
-    assert {"model", "plan", "suite", "seed", "tag"} <= set(meta)
+    assert {"model", "plan", "suite", "seed"} <= set(meta)
 
     calls = []
     real = R._run_row

@@ -81,7 +81,7 @@ def test_overview(suite):
 
 
 def test_profile_configs():
-    from ffcore.evaluation.suite import suite_config
+    from ffcore.experiments.accuracy import suite_config
 
     assert suite_config("quick").n_per_task < suite_config("full").n_per_task <= 8
     assert min(suite_config("full").context_tokens) >= 1024

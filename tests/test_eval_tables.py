@@ -8,12 +8,35 @@ import pytest
 import torch
 from torch import nn
 
+from ffcore.engine.plan import SparsityPlan
 from ffcore.evaluation import runner as R
-from ffcore.evaluation import tables as T
 from ffcore.evaluation.suite import SuiteConfig, build_suite
+from ffcore.experiments import accuracy as T
+from ffcore.experiments import nb05_accuracy as nb05
+from ffcore.experiments import nb06_ablations as nb06
+from ffcore.experiments.nb02_calibration import schedule_name
 from ffcore.models import load_model, model_dims, model_fingerprint
-from ffcore.plan import SparsityPlan
 from ffcore.predictor import ExpertPredictor
+from ffcore.results import write_json
+from ffcore.schedule import layerwise_schedule
+
+TABLES = {**nb05.TABLES, **nb06.TABLES}  # notebook 05 runs Tables 2-3, notebook 06 Tables 4-7
+
+
+def _owner(table):
+    return nb05 if table in nb05.TABLES else nb06
+
+
+def table_specs(table):
+    return nb05.table_specs(table) if table in nb05.TABLES else nb06.table_specs(table)
+
+
+def comparison_pairs(table):
+    return _owner(table).comparison_pairs(table)
+
+
+def run_table(table, *args):
+    return _owner(table).run(table, *args)
 
 FIELDS = ("sparsity", "schedule", "policy", "compensator", "dense_first", "dense_last", "sparse_decode")
 
@@ -38,15 +61,10 @@ def tiny():
 @pytest.fixture()
 def comps(tiny, tmp_path, monkeypatch):
     """Components of tiny-llama with a random predictor, fake compensators and a schedule file in a temp root."""
-    from ffcore.results import write_json
-    from ffcore.schedule import schedule_name
-
     monkeypatch.setenv("FFCORE_ROOT", str(tmp_path))
     model, tok = tiny
     dims = model_dims(model)
     s_i = [float(i + 1) for i in range(dims["L"])]
-    from ffcore.schedule import layerwise_schedule
-
     write_json(schedule_name("tiny-llama"), {
         "model": "tiny-llama", "fingerprint": model_fingerprint(model), "calibration": {"s_i": s_i},
         "min_density": 0.05, "order": "sorted",
@@ -66,9 +84,9 @@ def suite(tiny):
 
 
 # ------------------------------------------------------------------------------ configurations
-@pytest.mark.parametrize("table", sorted(T.TABLES))
+@pytest.mark.parametrize("table", sorted(TABLES))
 def test_every_table_starts_dense_and_varies_one_factor(table):
-    specs = T.table_specs(table)
+    specs = table_specs(table)
     assert specs[0] == T.DENSE and specs[0].dense
     labels = [s.label for s in specs]
     assert len(set(labels)) == len(labels)
@@ -81,12 +99,12 @@ def test_every_table_starts_dense_and_varies_one_factor(table):
     else:  # every ablation contains the full method (the reference row shared with Table 2)
         same = [s for s in specs[1:] if all(getattr(s, f) == getattr(ref, f) for f in FIELDS)]
         assert len(same) == 1
-    for ref_label, other, expect in T.comparison_pairs(table):
+    for ref_label, other, expect in comparison_pairs(table):
         assert {ref_label, other} <= set(labels) and expect in T.EXPECTATIONS
 
 
 def test_table_factors():
-    by = {t: {s.label: s for s in T.table_specs(t)} for t in T.TABLES}
+    by = {t: {s.label: s for s in table_specs(t)} for t in TABLES}
     assert by["table3"]["50% prefill + generation"].sparse_decode
     assert by["table4"]["uniform 50%"].schedule == "uniform"
     t5 = by["table5"]
@@ -97,7 +115,9 @@ def test_table_factors():
     assert by["table7"]["per-block oracle"].policy == "oracle"
     assert by["table7"]["first-block static"].policy == "first_block_static"
     with pytest.raises(ValueError, match="unknown table"):
-        T.table_specs("table9")
+        nb05.table_specs("table9")
+    with pytest.raises(ValueError, match="unknown table"):
+        nb06.table_specs("table2")
     with pytest.raises(ValueError, match="schedule"):
         T.ConfigSpec("x", schedule="random")
     with pytest.raises(ValueError, match="compensator"):
@@ -106,15 +126,15 @@ def test_table_factors():
 
 def test_build_plan_for_every_configuration(comps):
     L = comps.n_layers
-    for table in T.TABLES:
-        for spec in T.table_specs(table):
+    for table in TABLES:
+        for spec in table_specs(table):
             plan = T.build_plan(spec, comps)
             if spec.dense:
                 assert plan is None
                 continue
             assert isinstance(plan, SparsityPlan)
             if spec.schedule == "layerwise":
-                assert isinstance(plan.densities, list) and len(plan.densities) == L
+                assert isinstance(plan.densities, tuple) and len(plan.densities) == L  # plans are immutable
                 assert sum(plan.densities) / L == pytest.approx(1 - spec.sparsity)
                 assert len(set(plan.densities)) > 1  # really layer-wise
             else:
@@ -139,15 +159,17 @@ def test_schedule_of_another_model_is_refused(comps):
         T.build_plan(T.method(0.5), dataclasses.replace(comps, model=other, tokenizer=tok))
 
 
-def test_plan_tag_names_the_weights(comps):
+def test_plan_key_names_the_weights(comps):
+    """The cache key of a plan covers the weights of its predictor and compensator (no separate tag)."""
     plan = T.build_plan(T.method(0.5), comps)
-    tag = T.plan_tag(plan)
-    assert "policy=" in tag and "compensator=" in tag
-    assert T.plan_tag(T.build_plan(T.method(0.5, policy="oracle", compensator=None), comps)) == ""
-    assert T.plan_tag(None) == ""
+    d = plan.describe()
+    assert d["policy_id"].startswith("predictor@") and "@" in d["compensator"]
+    bare = T.build_plan(T.method(0.5, policy="oracle", compensator=None), comps).describe()
+    assert bare["policy_id"] is None and bare["compensator"] is None
     other = ExpertPredictor(comps.predictor.L, comps.predictor.d, comps.predictor.f)  # different random weights
-    assert T.plan_tag(plan.replace(policy=other)) != tag
-    assert T.plan_tag(plan.replace(compensator=comps.compensators["masked"])) != tag
+    assert plan.replace(policy=other).key() != plan.key()
+    assert plan.replace(compensator=comps.compensators["masked"]).key() != plan.key()
+    assert plan.replace(seed=1).policy is plan.policy  # replace() shares trained objects, never copies them
 
 
 # ------------------------------------------------------------------------------ running and caching
@@ -158,7 +180,7 @@ def test_run_table_is_incremental_and_shares_rows(comps, suite, tmp_path, monkey
     real = R._run_row
     monkeypatch.setattr(R, "_run_row", lambda *a, **k: calls.append(a[3]) or real(*a, **k))
     cache = tmp_path / "cache"
-    t4 = T.run_table("table4", {"tiny-llama": comps}, {"tiny-llama": suite}, kept, cfg, cache)
+    t4 = run_table("table4", {"tiny-llama": comps}, {"tiny-llama": suite}, kept, cfg, cache)
     n_rows = len(suite)
     assert len(calls) == 3 * n_rows  # dense, layer-wise, uniform
     assert [r["config"] for r in t4.rows] == ["dense", "layer-wise 50%", "uniform 50%"]
@@ -176,12 +198,12 @@ def test_run_table_is_incremental_and_shares_rows(comps, suite, tmp_path, monkey
     per_sample = sum(r["time_s"] for recs in t4.records["tiny-llama"].values() for r in recs)
     assert T.fresh_seconds(t4) == pytest.approx(per_sample, abs=0.2)
     calls.clear()
-    again = T.run_table("table4", {"tiny-llama": comps}, {"tiny-llama": suite}, kept, cfg, cache)
+    again = run_table("table4", {"tiny-llama": comps}, {"tiny-llama": suite}, kept, cfg, cache)
     assert T.fresh_seconds(t4, again) == T.fresh_seconds(t4)  # the same cached runs count once
     assert calls == [] and json.dumps(again.rows) == json.dumps(t4.rows)  # everything from the cache
 
     # Table 6's reference row is the same plan as Table 4's layer-wise row: only the new rows run
-    T.run_table("table6", {"tiny-llama": comps}, {"tiny-llama": suite}, kept, cfg, cache)
+    run_table("table6", {"tiny-llama": comps}, {"tiny-llama": suite}, kept, cfg, cache)
     assert len(calls) == 2 * n_rows
     assert {c.compensator is None for c in calls} == {True, False}
 
@@ -190,24 +212,24 @@ def test_run_table_is_incremental_and_shares_rows(comps, suite, tmp_path, monkey
     torch.manual_seed(1)
     retrained = dataclasses.replace(comps, predictor=ExpertPredictor(comps.predictor.L, comps.predictor.d,
                                                                      comps.predictor.f))
-    T.run_table("table4", {"tiny-llama": retrained}, {"tiny-llama": suite}, kept, cfg, cache)
+    run_table("table4", {"tiny-llama": retrained}, {"tiny-llama": suite}, kept, cfg, cache)
     assert len(calls) == 2 * n_rows  # dense reused, both predictor rows recomputed
 
     # only kept tasks run: a task subset runs nothing new
     calls.clear()
-    one = T.run_table("table4", {"tiny-llama": comps}, {"tiny-llama": suite}, {"tiny-llama": ["passkey"]}, cfg, cache)
+    one = run_table("table4", {"tiny-llama": comps}, {"tiny-llama": suite}, {"tiny-llama": ["passkey"]}, cfg, cache)
     assert calls == [] and {r["n_tasks"] for r in one.rows} == {1} and not one.continuation and not one.kl
     with pytest.raises(ValueError, match="no task is kept"):
-        T.run_table("table4", {"tiny-llama": comps}, {"tiny-llama": suite}, {"tiny-llama": []}, cfg, cache)
+        run_table("table4", {"tiny-llama": comps}, {"tiny-llama": suite}, {"tiny-llama": []}, cfg, cache)
 
 
 def test_cache_key_changes_with_the_plan_of_each_configuration(comps):
     fp = model_fingerprint(comps.model)
     keys = set()
-    for table in T.TABLES:
-        for spec in T.table_specs(table):
+    for table in TABLES:
+        for spec in table_specs(table):
             plan = T.build_plan(spec, comps)
-            keys.add((spec.label if spec.dense else None, R.config_key(fp, plan, "ffcore-local/1", 0, T.plan_tag(plan))))
+            keys.add((spec.label if spec.dense else None, R.config_key(fp, plan, "ffcore-local/1", 0)))
     distinct = {k for _, k in keys}
     # dense + Table 2 (3) + one new row in Table 3 + 1 (T4) + 2 (T5) + 2 (T6) + 2 (T7) = 12 distinct configurations
     assert len(distinct) == 12
@@ -229,7 +251,7 @@ def test_accuracy_rows_scale_and_gap():
     assert s["rel_gap_pct"] == pytest.approx((50.0 - 62.5) / 62.5 * 100, abs=1e-3)
     assert s["cat:Code"] == 50.0 and s["task:a"] == 50.0 and s["n_samples"] == 6 and s["n_tasks"] == 2
     assert s["schedule"] == "layerwise" and d["policy"] == "dense" and s["compensator"] == "plain"
-    text = T.gap_verdict(rows, 0.5, 3.0)
+    text = nb05.gap_verdict(rows, 0.5, 3.0)
     assert "**m**" in text and "-20.00 %" in text and "outside" in text and "62.5" in text
     comp = T.comparisons("table7", "m", {"dense": dense, "half": sparse}, [("dense", "half")], ["a", "b"], n_boot=200)
     assert comp[0]["rel_change_pct"] == pytest.approx(-20.0) and comp[0]["other"] == "half"
@@ -300,11 +322,11 @@ def test_kl_comparisons_and_verdict():
         return [{"uid": f"c{i}", "task": "continuation", "metrics": {"kl": k}} for i, k in enumerate(kls)]
     results = {"+ dense first & last": recs([0.02, 0.03, 0.025]), "all blocks sparse": recs([0.06, 0.07, 0.05]),
                "+ dense first": recs([0.021, 0.029, 0.026])}
-    rows = T.kl_comparisons("table5", "m", results, T.comparison_pairs("table5"), n_boot=500)
+    rows = T.kl_comparisons("table5", "m", results, comparison_pairs("table5"), n_boot=500)
     by = {(r["reference"], r["other"]): r for r in rows}
     worse = by[("+ dense first & last", "all blocks sparse")]
     assert worse["kl_change_pct"] > 100 and worse["resolved"] and worse["agrees_with_paper"] is True
     assert by[("+ dense first & last", "+ dense first")]["agrees_with_paper"] in (True, False)
     text = T.kl_verdict(rows)
     assert text.count("\n") == 2 and "further from dense" in text and "consistent" in text
-    assert T.kl_comparisons("table5", "m", {k: [] for k in results}, T.comparison_pairs("table5")) == []
+    assert T.kl_comparisons("table5", "m", {k: [] for k in results}, comparison_pairs("table5")) == []

@@ -8,6 +8,8 @@ import pytest
 import torch
 
 from ffcore import flops
+from ffcore.engine.layout import predictor_rank
+from ffcore.engine.plan import SparsityPlan
 from ffcore.flops import ModelSpec
 
 # A toy config small enough to count by hand.
@@ -111,13 +113,13 @@ def test_block_sizes_and_partial_last_block():
 
 def test_plan_speedup_limits():
     spec = flops.builtin_spec("llama-3.2-1b")
-    assert flops.plan_speedup(spec, 4096, 1.0)["speedup"] == 1.0  # density 1: nothing changes
+    assert flops.plan_speedup(spec, 4096, SparsityPlan(1.0), overheads=True)["speedup"] == 1.0  # nothing changes
     for T in (1, 100, 128, 256):  # at most the two dense blocks: nothing is sparse
-        r = flops.plan_speedup(spec, T, 0.5)
+        r = flops.plan_speedup(spec, T, SparsityPlan(0.5), overheads=True)
         assert r["speedup"] == 1.0 and r["predictor_flops"] == r["compensator_flops"] == 0
-    assert flops.plan_speedup(spec, 128, 0.5, dense_first=False, dense_last=False)["speedup"] > 1.0
-    bare = flops.plan_speedup(spec, 4096, 0.5, dense_first=False, dense_last=False, predictor=False,
-                              compensator=False)
+    all_sparse = SparsityPlan(0.5, dense_first=False, dense_last=False)
+    assert flops.plan_speedup(spec, 128, all_sparse, overheads=True)["speedup"] > 1.0
+    bare = flops.plan_speedup(spec, 4096, all_sparse, overheads=False)
     assert bare["ffn_speedup"] == pytest.approx(2.0)
     assert bare["speedup"] < 2.0  # attention and projections stay dense
     assert flops.ffn_ideal_speedup(128, 0.5) == 1.0
@@ -125,9 +127,9 @@ def test_plan_speedup_limits():
 
 def test_plan_speedup_overheads_by_hand():
     T, rho = 300, 0.5  # blocks 128 | 128 | 44: only the middle block is sparse
-    r = flops.plan_speedup(TOY, T, [rho, 1.0])  # layer 1 dense: no predictor/compensator there
+    r = flops.plan_speedup(TOY, T, SparsityPlan([rho, 1.0]), overheads=True)  # layer 1 dense: no overheads there
     r_pred = 1  # power of two >= d/16 = 0.5
-    assert flops.predictor_rank(8) == r_pred
+    assert predictor_rank(8) == r_pred
     pred = 2 * 128 * 8 + 2 * 128 * 8 + 2 * 8 * r_pred + 2 * r_pred * 16  # pool, weighted sum, W1, W2
     comp = 2 * 128 * 8 * 1 + 2 * 128 * 1 * 8  # d -> d/8 = 1 -> d on the 128 sparse tokens
     ffn_layer = 3 * 2 * T * 8 * 16
@@ -140,7 +142,7 @@ def test_plan_speedup_overheads_by_hand():
 
 def test_predictor_rank_matches_paper():
     # paper section 3.2: r = 128 for Llama-1B and 256 for Llama-3B/8B
-    assert [flops.predictor_rank(flops.builtin_spec(n).d) for n in ("llama-3.2-1b", "llama-3.2-3b", "llama-3.1-8b")] == [128, 256, 256]
+    assert [predictor_rank(flops.builtin_spec(n).d) for n in ("llama-3.2-1b", "llama-3.2-3b", "llama-3.1-8b")] == [128, 256, 256]
 
 
 def test_spec_validation_and_strictness():
@@ -149,7 +151,7 @@ def test_spec_validation_and_strictness():
     with pytest.raises(ValueError, match="layer_types"):
         ModelSpec("x", d=8, f=16, L=2, heads=2, kv_heads=1, head_dim=4, vocab=10, sliding_window=4, layer_types=["full"])
     with pytest.raises(ValueError, match="densities"):
-        flops.plan_speedup(TOY, 300, [0.5])
+        flops.plan_speedup(TOY, 300, SparsityPlan([0.5]))
 
 
 @pytest.mark.parametrize("key", ["tiny-llama", "tiny-qwen3", "tiny-gemma3"])

@@ -55,8 +55,8 @@ class _MLP(torch.nn.Module):
 @can_launch
 @pytest.mark.parametrize("act_mod", [torch.nn.SiLU(), torch.nn.GELU(approximate="tanh")], ids=["silu", "gelu_tanh"])
 def test_kernels_on_engine_layout_match_engine(act_mod):
-    """block_sparse_ffn on ffcore.sparse_ffn's fused weights == the engine's per-block torch path."""
-    sparse_ffn = pytest.importorskip("ffcore.sparse_ffn")
+    """block_sparse_ffn on ffcore.engine.sparse_ffn's fused weights == the engine's per-block torch path."""
+    sparse_ffn = pytest.importorskip("ffcore.engine.sparse_ffn")
     torch.manual_seed(0)
     d, f, K, B, T = 48, 96, 40, 16, 75
     mlp = _MLP(d, f, act_mod).to(DEVICE)

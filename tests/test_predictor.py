@@ -9,14 +9,14 @@ import torch
 from ffcore.collect import CollectConfig, Collection, collect, load_collection_dir
 from ffcore.engine import sparsify
 from ffcore.models import load_model, model_dims
-from ffcore.plan import SparsityPlan
-from ffcore.policies import SelectContext, SelectionPolicy
+from ffcore.engine.plan import SparsityPlan
+from ffcore.engine.policies import SelectContext, SelectionPolicy
 from ffcore.predictor import (
     ExpertPredictor, LabelConfig, PredictorConfig, load_predictor, make_labels, pool_and_score,
     predictor_flop_share, predictor_meta, predictor_rank, predict_scores, save_predictor, selection_metrics,
     train_predictor, weighted_bce,
 )
-from ffcore.sparse_ffn import fused_ffn
+from ffcore.engine.sparse_ffn import fused_ffn
 
 
 # ------------------------------------------------------------------ labels
@@ -102,7 +102,7 @@ def trained(tmp_path_factory):
     folders = {}
     for split, n in (("train", 6), ("eval", 2)):
         cfg = CollectConfig(split=split, n_samples=n, seq_len=512, samples_per_shard=3, batch_size=3)
-        folders[split] = collect(model, tok, "tiny-llama", "smoke", cfg, folder=root / split, progress=False)
+        folders[split] = collect(model, tok, cfg, root / split, "tiny-llama", progress=False)
     train = load_collection_dir(folders["train"])
     cfg = PredictorConfig(mean_pool_epochs=25, max_epochs=5, patience=25, lr=1e-2, batch_blocks=8)
     res = train_predictor(train, cfg, meta=predictor_meta(model, "tiny-llama", train), progress=False)
@@ -189,7 +189,7 @@ def test_flop_share():
 
 
 def test_nll_verdict_ranks_policies_by_change():
-    from ffcore.predictor import nll_verdict
+    from ffcore.experiments.nb03_predictor import nll_verdict
 
     rows = [{"model": "m", "policy": "dense", "rel_change_pct": 0.0},
             {"model": "m", "policy": "oracle", "rel_change_pct": 2.0},

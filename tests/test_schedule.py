@@ -9,6 +9,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from ffcore import schedule as sch
+from ffcore.experiments import nb02_calibration as nb02
 
 scores_st = st.lists(st.floats(min_value=1e-3, max_value=1e4, allow_nan=False), min_size=1, max_size=40)
 budget_st = st.floats(min_value=0.05, max_value=1.0)
@@ -157,19 +158,19 @@ def test_save_and_load_schedules(tmp_path, monkeypatch):
     monkeypatch.setenv("FFCORE_ROOT", str(tmp_path))
     model, _ = load_model("tiny-llama")
     calib = _fake_calibration(model)
-    path = sch.save_schedules(calib, "smoke", budgets=(0.7, 0.5))
+    path = nb02.save_schedules(calib, "smoke", budgets=(0.7, 0.5))
     assert path.name == "02_schedule_tiny-llama.json" and path.is_relative_to(tmp_path)
-    plan = sch.load_schedule(model, 0.5, "smoke")
+    plan = nb02.load_schedule(model, 0.5, "smoke")
     assert plan == pytest.approx(sch.layerwise_schedule(calib.scores(), 0.5))
     assert _mean(plan) == pytest.approx(0.5)
     # a budget not in the file is recomputed from the stored s_i; 1.0 is dense
-    assert sch.load_schedule(model, 0.6, "smoke") == pytest.approx(sch.layerwise_schedule(calib.scores(), 0.6))
-    assert sch.load_schedule(model, 1.0, "smoke") == [1.0] * len(plan)
-    assert sch.load_schedule("tiny-llama", 0.5, "smoke", fingerprint=calib.fingerprint) == plan
+    assert nb02.load_schedule(model, 0.6, "smoke") == pytest.approx(sch.layerwise_schedule(calib.scores(), 0.6))
+    assert nb02.load_schedule(model, 1.0, "smoke") == [1.0] * len(plan)
+    assert nb02.load_schedule("tiny-llama", 0.5, "smoke", fingerprint=calib.fingerprint) == plan
     with pytest.raises(ValueError, match="fingerprint"):
-        sch.load_schedule("tiny-llama", 0.5, "smoke")
+        nb02.load_schedule("tiny-llama", 0.5, "smoke")
     with pytest.raises(FileNotFoundError):
-        sch.load_schedule("tiny-gemma3", 0.5, "smoke", fingerprint="x")
+        nb02.load_schedule("tiny-gemma3", 0.5, "smoke", fingerprint="x")
 
 
 def test_load_refuses_another_models_schedule(tmp_path, monkeypatch):
@@ -177,16 +178,16 @@ def test_load_refuses_another_models_schedule(tmp_path, monkeypatch):
 
     monkeypatch.setenv("FFCORE_ROOT", str(tmp_path))
     model, _ = load_model("tiny-llama")
-    sch.save_schedules(_fake_calibration(model), "smoke", budgets=(0.5,))
+    nb02.save_schedules(_fake_calibration(model), "smoke", budgets=(0.5,))
     other = tiny_model("llama", seed=1)  # same architecture and key, other weights
     other.ffcore_name = "tiny-llama"
     with pytest.raises(ValueError, match="calibrated on model 'tiny-llama' with fingerprint"):
-        sch.load_schedule(other, 0.5, "smoke")
+        nb02.load_schedule(other, 0.5, "smoke")
 
 
 def test_schedule_name_is_safe():
-    assert sch.schedule_name("gemma3-270m") == "02_schedule_gemma3-270m"
-    assert sch.schedule_name("/data/ckpt/Llama-3.1-8B/") == "02_schedule_Llama-3.1-8B"
+    assert nb02.schedule_name("gemma3-270m") == "02_schedule_gemma3-270m"
+    assert nb02.schedule_name("/data/ckpt/Llama-3.1-8B/") == "02_schedule_Llama-3.1-8B"
     assert math.isclose(sch.schedule_summary([0.5, 1.0])["mean"], 0.75)
 
 

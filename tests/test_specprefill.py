@@ -6,14 +6,16 @@ import math
 import pytest
 import torch
 
+from ffcore.decoding import greedy_decode
 from ffcore.engine import sparsify
+from ffcore.engine.plan import SparsityPlan
+from ffcore.experiments.nb08_specprefill import best_point, summarize
 from ffcore.flops import prefill_flops, spec_from_model
 from ffcore.models import decoder_layers, tiny_model, tiny_tokenizer
-from ffcore.plan import SparsityPlan
 from ffcore.specprefill import (
-    SpecPrefillConfig, TokenScores, check_compatible, chunk_positions, extend, greedy_decode, kept_pairs,
-    layer_prefix_view, position_masks, prefill_at, score_tokens, select_chunks, select_tokens, smooth_and_chunk,
-    speculative_generate, speculative_prefill, specprefill_flops, speculator_flops, summarize, best_point,
+    POSITIONS, SpecPrefillConfig, TokenScores, check_compatible, chunk_positions, extend, kept_pairs,
+    layer_prefix_view, position_masks, prefill_at, prefix_layers, score_tokens, select_chunks, select_tokens,
+    smooth_and_chunk, speculative_generate, speculative_prefill, specprefill_flops, speculator_flops,
 )
 
 ARCHS = ["llama", "qwen3", "gemma3"]
@@ -62,7 +64,7 @@ def test_main_model_gets_original_positions_and_decode_continues_at_prompt_lengt
     seen, handle = _capture_positions(model)
     try:
         out = speculative_prefill(model, None, ids, 0.5, scores=scores)
-        tokens = greedy_decode(model, out.logits, out.cache, 3)
+        tokens = torch.tensor([greedy_decode(model, out.logits[0], out.cache, 3, POSITIONS)])
     finally:
         handle.remove()
     assert 0 < out.kept.numel() < T and int(out.kept[-1]) == T - 1
@@ -229,7 +231,7 @@ def test_flops_accounting():
     main_cache = sum(prefill_flops(spec, len(kept)).values())
     assert r["main_flops"] < main_cache  # sliding windows on positions see fewer kept keys than W slots
     assert specprefill_flops(spec, T, kept, window="cache")["main_flops"] == main_cache
-    combo = specprefill_flops(spec, T, kept, view, 3, densities=0.5, block_size=32)
+    combo = specprefill_flops(spec, T, kept, view, 3, plan=SparsityPlan(0.5, block_size=32))
     assert combo["total_flops"] < r["total_flops"]
 
 
@@ -282,8 +284,6 @@ def test_bad_inputs_raise_clear_errors():
 
 def test_self_speculator_reaches_a_full_attention_layer():
     """A prefix of only sliding layers is blind beyond the window: the prefix grows to the first global layer."""
-    from ffcore.specprefill import prefix_layers
-
     gemma = tiny_model("gemma3", seed=0)  # layer types: sliding, sliding, sliding, full
     assert prefix_layers(gemma, 0.25) == 4
     assert prefix_layers(tiny_model("llama", seed=0), 0.25) == 1

@@ -6,9 +6,10 @@ import json
 import pytest
 import torch
 
-from ffcore import flops, speed
+from ffcore import flops
+from ffcore.experiments import nb07_speed as speed
 from ffcore.models import gated_mlps, tiny_model
-from ffcore.plan import SparsityPlan
+from ffcore.engine.plan import SparsityPlan
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +59,7 @@ def test_ttft_records_match_flop_model(tiny):
     plans = {"random experts": lambda sp: SparsityPlan(densities=1.0 - sp, policy="random")}
     rows = speed.ttft_records(model, "tiny-llama", prompt, plans, [(384, 0.5)], repeats=1, progress=False)
     (r,) = rows
-    want = flops.plan_speedup(flops.spec_from_model(model), 384, 0.5, predictor=False, compensator=False)
+    want = flops.plan_speedup(flops.spec_from_model(model), 384, SparsityPlan(0.5), overheads=False)
     assert r["flop_speedup"] == pytest.approx(want["speedup"])
     assert r["dense_s"] > 0 and r["sparse_s"] > 0
     with pytest.raises(ValueError, match="prompt has"):

@@ -11,8 +11,8 @@ Modules: `suite` (local tasks), `longbench` (official prompts/truncation/scorer)
 `metrics` (LongBench's metrics reimplemented exactly, plus the local ones), `runner`
 (sparse prefill + KV-cached greedy decode, on-disk cache), `prefill` (how a prompt is
 prefilled: in full, or by SpecPrefill's kept tokens), `scoring` (per task/category,
-average, relative gap to dense, paired bootstrap CIs, chance-level task filter), `tables`
-(notebooks 05-06) and `specprefill_table` (notebook 08).
+average, relative gap to dense, paired bootstrap CIs, chance-level task filter). The
+notebooks' tables are experiments: `ffcore.experiments.accuracy`, `nb05_accuracy`, ...
 Names are imported lazily so `import ffcore.evaluation` stays light.
 """
 from __future__ import annotations
@@ -26,13 +26,12 @@ _EXPORTS = {
     "SUITE_VERSION": "ffcore.evaluation.suite",
     "build_suite": "ffcore.evaluation.suite",
     "suite_overview": "ffcore.evaluation.suite",
-    "suite_config": "ffcore.evaluation.suite",
     "RunConfig": "ffcore.evaluation.runner",
     "evaluate": "ffcore.evaluation.runner",
     "run_configs": "ffcore.evaluation.runner",
     "timing_summary": "ffcore.evaluation.runner",
     "config_key": "ffcore.evaluation.runner",
-    "FullPrefill": "ffcore.evaluation.prefill",
+    "FullPrefill": "ffcore.decoding",
     "SpecPrefillMethod": "ffcore.evaluation.prefill",
     "LongBenchConfig": "ffcore.evaluation.longbench",
     "longbench_rows": "ffcore.evaluation.longbench",

@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ffcore.config import StrictConfig
+from ffcore.evaluation.metrics import score_prediction
+from ffcore.evaluation.suite import make_row
 
 LONGBENCH_SUITE = "longbench-v1"
 
@@ -157,8 +159,6 @@ def longbench_rows(source: str | Path | dict[str, Any], tokenizer: Any, config: 
     """Runner rows (`ffcore.evaluation.suite.ROW_FIELDS`) for a folder of LongBench JSONL files."""
     from datasets import Dataset
 
-    from ffcore.evaluation.suite import make_row
-
     cfg = config or LongBenchConfig()
     sets = load_longbench(source, cfg.datasets) if isinstance(source, (str, Path)) else source
     rows = []
@@ -186,8 +186,6 @@ def longbench_rows(source: str | Path | dict[str, Any], tokenizer: Any, config: 
 def scorer(dataset: str, predictions: Sequence[str], answers: Sequence[Sequence[str]],
            all_classes: Sequence[str] | None) -> float:
     """eval.py `scorer`: the dataset's official score (mean x 100, rounded to 2 decimals)."""
-    from ffcore.evaluation.metrics import score_prediction
-
     base = base_name(dataset)
     total = 0.0
     for pred, gts in zip(predictions, answers):
@@ -198,8 +196,6 @@ def scorer(dataset: str, predictions: Sequence[str], answers: Sequence[Sequence[
 def scorer_e(dataset: str, predictions: Sequence[str], answers: Sequence[Sequence[str]], lengths: Sequence[int],
              all_classes: Sequence[str] | None) -> dict[str, float]:
     """eval.py `scorer_e`: scores by context length bucket (0-4k, 4-8k, 8k+ words) for LongBench-E."""
-    from ffcore.evaluation.metrics import score_prediction
-
     base = base_name(dataset)
     buckets: dict[str, list[float]] = {"0-4k": [], "4-8k": [], "8k+": []}
     for pred, gts, length in zip(predictions, answers, lengths):

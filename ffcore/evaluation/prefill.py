@@ -1,8 +1,9 @@
-"""How the evaluation runner prefills a prompt: in full (the default) or by SpecPrefill's token dropping.
+"""How the evaluation runner prefills a prompt: in full (the default, `ffcore.decoding.FULL`) or by
+SpecPrefill's token dropping (`SpecPrefillMethod`).
 
-A prefill method has a `key` (part of the result-cache key; '' for the full prefill, so existing
-caches stay valid), `prefill(model, ids)` returning the next-token logits, a decoding state and a
-dict of extra record fields, and `extend(model, state, ids)` feeding more tokens (greedy decode,
+A prefill method (`ffcore.decoding.PrefillMethod`) has a `key` (part of the result-cache key; ''
+for the full prefill), `prefill(model, ids)` returning the next-token logits, a decoding state and
+a dict of extra record fields, and `extend(model, state, ids)` feeding more tokens (greedy decode,
 teacher forcing) at the positions after the ORIGINAL prompt. The runner calls both inside
 `sparsify(model, plan)`, so a SpecPrefill method under a sparse plan is the combination
 (token dropping, then FastForward's block-sparse FFN on the kept tokens).
@@ -12,50 +13,16 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from typing import Any, NamedTuple, Protocol
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from ffcore import specprefill as sp
+from ffcore.decoding import FULL, FullPrefill, Prefilled, PrefillMethod
 
-class Prefilled(NamedTuple):
-    """What a prefill method returns."""
-
-    logits: Tensor  # [V] next-token logits after the prompt
-    state: Any  # what `extend` continues from (a KV cache)
-    info: dict[str, Any]  # extra fields stored in the sample's record (e.g. kept tokens)
-
-
-class PrefillMethod(Protocol):
-    """The interface the runner needs."""
-
-    key: str
-
-    def prefill(self, model: nn.Module, input_ids: Tensor) -> Prefilled:
-        """Prefill input_ids [1, T]."""
-
-    def extend(self, model: nn.Module, state: Any, input_ids: Tensor) -> Tensor:
-        """Feed input_ids [1, n] after the state; logits [n, V]; the state is updated in place."""
-
-
-class FullPrefill:
-    """The standard prefill: every prompt token, Hugging Face's own KV cache and positions."""
-
-    key = ""
-
-    @torch.no_grad()
-    def prefill(self, model: nn.Module, input_ids: Tensor) -> Prefilled:
-        """One forward over the whole prompt."""
-        out = model(input_ids=input_ids, use_cache=True, logits_to_keep=1)
-        return Prefilled(out.logits[0, -1], out.past_key_values, {})
-
-    @torch.no_grad()
-    def extend(self, model: nn.Module, state: Any, input_ids: Tensor) -> Tensor:
-        """Continue the cache (positions follow the cache length)."""
-        return model(input_ids=input_ids, past_key_values=state, use_cache=True).logits[0]
-
-
-FULL = FullPrefill()
+__all__ = ["FULL", "FullPrefill", "Prefilled", "PrefillMethod", "SpecPrefillMethod", "kept_ranges",
+           "ranges_to_positions"]
 
 
 def kept_ranges(positions: Tensor) -> list[list[int]]:
@@ -91,8 +58,6 @@ class SpecPrefillMethod:
 
     def __init__(self, speculator: nn.Module, keep_rate: float, config: Any = None, name: str = "speculator",
                  scores_cache: dict[str, Any] | None = None) -> None:
-        from ffcore import specprefill as sp
-
         self.speculator = speculator
         self.keep_rate = sp.check_keep_rate(keep_rate)
         self.config = config or sp.SpecPrefillConfig()
@@ -102,8 +67,6 @@ class SpecPrefillMethod:
         self.key = f"specprefill[{name}] p={self.keep_rate:g} {cfg}"
 
     def _scores(self, input_ids: Tensor) -> tuple[Any, float]:
-        from ffcore import specprefill as sp
-
         score_cfg = json.dumps({k: v for k, v in self.config.to_dict().items() if k not in ("keep_last", "keep_first",
                                                                                               "window")}, sort_keys=True)
         h = hashlib.sha256(input_ids.cpu().numpy().tobytes() + f"{self.name}|{score_cfg}".encode()).hexdigest()
@@ -117,8 +80,6 @@ class SpecPrefillMethod:
     @torch.no_grad()
     def prefill(self, model: nn.Module, input_ids: Tensor) -> Prefilled:
         """Speculator scores (dense, cached per prompt), then the main model prefills the kept tokens."""
-        from ffcore import specprefill as sp
-
         scores, spec_s = self._scores(input_ids)
         out = sp.speculative_prefill(model, None, input_ids, self.keep_rate, self.config, scores=scores)
         info = {"kept_tokens": int(out.kept.numel()), "kept_ranges": kept_ranges(out.kept),
@@ -128,6 +89,4 @@ class SpecPrefillMethod:
     @torch.no_grad()
     def extend(self, model: nn.Module, state: Any, input_ids: Tensor) -> Tensor:
         """Decode / teacher-force at the positions after the original prompt."""
-        from ffcore import specprefill as sp
-
-        return sp.extend(model, state, input_ids)[0]
+        return sp.POSITIONS.extend(model, state, input_ids)

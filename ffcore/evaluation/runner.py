@@ -9,19 +9,14 @@ next-token distributions and greedy continuation (the dense reference is compute
 cached, and reused by every configuration).
 
 Results are cached as JSONL under `cache_dir`, one file per configuration, keyed by a hash
-of (model fingerprint, `plan.key()`, suite name and version, suite seed, optional `tag`, and the
-prefill method's key when it is not the full prefill);
-each line is one sample's record keyed by the row's content hash, so re-running with more
-samples or after an interruption only computes what is missing.
-
-Note: `plan.key()` names policy/compensator objects but does not hash their weights; pass a
-`tag` (e.g. a hash of the predictor checkpoint) when you evaluate different trained objects
-under the same name.
+of (model fingerprint, `plan.key()` (which covers the weight digests of a trained predictor and
+compensator), suite name and version, suite seed, and the prefill method's key when it is not the
+full prefill); each line is one sample's record keyed by the row's content hash, so re-running
+with more samples or after an interruption only computes what is missing.
 """
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import hashlib
 import json
@@ -32,9 +27,12 @@ from typing import Any, Iterable, Sequence
 import torch
 
 from ffcore.config import StrictConfig
+from ffcore.decoding import FULL, PrefillMethod, copy_state, eos_ids, greedy_decode, stop_strings, teacher_forced
+from ffcore.engine import SparsityPlan, dense_plan, sparsify
+from ffcore.engine.plan import as_plan
 from ffcore.evaluation.metrics import score_prediction
-from ffcore.evaluation.prefill import FULL, PrefillMethod
-from ffcore.plan import SparsityPlan, dense_plan
+from ffcore.evaluation.suite import SUITE_NAME, SUITE_VERSION
+from ffcore.models import model_fingerprint
 
 _MEMORY: dict[str, dict[str, dict[str, Any]]] = {}  # config key -> uid -> record (when no cache_dir)
 
@@ -54,19 +52,14 @@ class RunConfig(StrictConfig):
 
 
 def is_dense(plan: SparsityPlan | None) -> bool:
-    """True when the plan changes nothing (every density 1, no compensator)."""
-    if plan is None:
-        return True
-    dens = [plan.densities] if isinstance(plan.densities, (int, float)) else list(plan.densities)
-    return plan.compensator is None and all(float(d) >= 1.0 for d in dens)
+    """True when the plan changes nothing (None, or every density 1 and no compensator)."""
+    return as_plan(plan).is_dense
 
 
-def config_key(model_fp: str, plan: SparsityPlan | None, suite: str, seed: int, tag: str = "",
-               prefill: str = "") -> str:
-    """Hash of (model fingerprint, plan key, suite name/version, seed, tag, prefill method key): one cache file per value."""
-    plan_key = (plan or dense_plan()).key()
-    fields = {"model": model_fp, "plan": plan_key, "suite": suite, "seed": int(seed), "tag": tag}
-    if prefill:  # the full prefill adds nothing, so caches written before prefill methods existed stay valid
+def config_key(model_fp: str, plan: SparsityPlan | None, suite: str, seed: int, prefill: str = "") -> str:
+    """Hash of (model fingerprint, plan key incl. weight digests, suite name/version, seed, prefill method key)."""
+    fields = {"model": model_fp, "plan": as_plan(plan).key(), "suite": suite, "seed": int(seed)}
+    if prefill:  # the full prefill adds nothing to the key
         fields["prefill"] = prefill
     blob = json.dumps(fields, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -74,8 +67,6 @@ def config_key(model_fp: str, plan: SparsityPlan | None, suite: str, seed: int, 
 
 def suite_id(row: dict[str, Any]) -> str:
     """The suite name and version a row belongs to (part of the cache key)."""
-    from ffcore.evaluation.suite import SUITE_NAME, SUITE_VERSION
-
     return f"{row['suite']}/{SUITE_VERSION}" if row["suite"] == SUITE_NAME else str(row["suite"])
 
 
@@ -113,47 +104,8 @@ class ResultCache:
 # ----------------------------------------------------------------- generation
 
 
-def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
-    ids: set[int] = set()
-    for src in (getattr(getattr(model, "generation_config", None), "eos_token_id", None), tokenizer.eos_token_id):
-        if isinstance(src, int):
-            ids.add(src)
-        elif isinstance(src, (list, tuple)):
-            ids.update(int(x) for x in src)
-    return ids
-
-
-def _stopped(text: str, stop: Sequence[str]) -> bool:
-    body = text.lstrip()
-    return bool(body) and any(s in body for s in stop)
-
-
 def _ctx(model: Any, plan: SparsityPlan | None) -> Any:
-    if is_dense(plan):
-        return contextlib.nullcontext()
-    from ffcore.engine import sparsify
-
-    return sparsify(model, plan)
-
-
-@torch.no_grad()
-def greedy_decode(
-    model: Any, tokenizer: Any, first_logits: torch.Tensor, cache: Any, max_new_tokens: int,
-    stop: Sequence[str] = (), eos: Iterable[int] = (), method: PrefillMethod = FULL,
-) -> list[int]:
-    """Greedy tokens from a prefilled state of `method` (call inside `sparsify` for a sparse decode)."""
-    eos = set(eos)
-    dev = first_logits.device
-    logits, new = first_logits, []
-    for step in range(max_new_tokens):
-        nxt = int(logits.argmax())
-        new.append(nxt)
-        if nxt in eos or (stop and _stopped(tokenizer.decode(new, skip_special_tokens=True), stop)):
-            break
-        if step == max_new_tokens - 1:
-            break
-        logits = method.extend(model, cache, torch.tensor([[nxt]], device=dev))[-1]  # the cache grows in place
-    return new
+    return contextlib.nullcontext() if is_dense(plan) else sparsify(model, plan)
 
 
 @torch.no_grad()
@@ -168,7 +120,8 @@ def generate(
         t0 = time.perf_counter()
         first, state, info = method.prefill(model, ids)
         prefill_s = time.perf_counter() - t0
-        new = greedy_decode(model, tokenizer, first, state, max_new_tokens, stop, _eos_ids(model, tokenizer), method)
+        new = greedy_decode(model, first, state, max_new_tokens, method, eos_ids(model, tokenizer),
+                            stop_strings(tokenizer, stop))
     return new, prefill_s, info
 
 
@@ -197,19 +150,18 @@ def _continuation(
 ) -> dict[str, Any]:
     dev = next(model.parameters()).device
     target = torch.tensor(row["target_ids"], device=dev)
+    sparse_decode = not is_dense(plan) and plan.sparse_decode
     with _ctx(model, plan):
         t0 = time.perf_counter()
         first, cache, info = method.prefill(model, torch.tensor([row["prompt_ids"]], device=dev))
         prefill_s = time.perf_counter() - t0
-        tf_cache = copy.deepcopy(cache)
-        greedy = greedy_decode(model, tokenizer, first, cache, max_new, (), _eos_ids(model, tokenizer), method)
-        if plan is not None and plan.sparse_decode and not is_dense(plan):  # sparse decode: token by token
-            steps = [method.extend(model, tf_cache, torch.tensor([[tok]], device=dev))[-1]
-                     for tok in target[:-1].tolist()]
-            tf_logits = torch.stack(steps) if steps else first[None][:0]
-    if plan is None or not plan.sparse_decode or is_dense(plan):  # dense decode: one teacher-forced forward
-        tf_logits = method.extend(model, tf_cache, target[None, :-1]) if len(target) > 1 else first[None][:0]
-    logp = torch.cat([first[None], tf_logits]).float().log_softmax(-1)  # [P, V], P = len(target)
+        tf_cache = copy_state(cache)
+        greedy = greedy_decode(model, first, cache, max_new, method, eos_ids(model, tokenizer))
+        if sparse_decode:  # sparse decode: token by token, inside the plan
+            tf_logits = teacher_forced(model, first, tf_cache, target, method, stepwise=True)
+    if not sparse_decode:  # dense decode: one teacher-forced forward
+        tf_logits = teacher_forced(model, first, tf_cache, target, method)
+    logp = tf_logits.float().log_softmax(-1)  # [P, V], P = len(target)
     nll = -logp.gather(1, target[:, None])[:, 0]
     argmax = logp.argmax(-1)
     own_ref = None
@@ -269,8 +221,7 @@ def _run_row(
 
 def evaluate(
     model: Any, tokenizer: Any, dataset: Any, plan: SparsityPlan | None = None,
-    cache_dir: str | Path | None = None, tag: str = "", config: RunConfig | None = None,
-    method: PrefillMethod = FULL,
+    cache_dir: str | Path | None = None, config: RunConfig | None = None, method: PrefillMethod = FULL,
 ) -> list[dict[str, Any]]:
     """Per-sample records of `dataset` (suite or LongBench rows) under `plan` (None = dense) and a prefill method, cached.
 
@@ -279,8 +230,6 @@ def evaluate(
     method's own fields (SpecPrefill: kept tokens). The dense reference needed by continuation rows
     (full prefill, dense plan) is evaluated (or read from the cache) first.
     """
-    from ffcore.models import model_fingerprint
-
     cfg = config or RunConfig()
     rows = list(dataset)
     if not rows:
@@ -295,11 +244,11 @@ def evaluate(
         refs: dict[str, dict[str, Any]] = {}
         cont = [r for r in group if r["kind"] == "continuation"]
         if cont and not dense:
-            for rec in evaluate(model, tokenizer, cont, dense_plan(), cache_dir, "", cfg):
+            for rec in evaluate(model, tokenizer, cont, dense_plan(), cache_dir, cfg):
                 refs[rec["uid"]] = rec["ref"]
-        key = config_key(model_fp, plan, suite, seed, "" if is_dense(plan) else tag, method.key)
+        key = config_key(model_fp, plan, suite, seed, method.key)
         meta = {"model": model_fp, "model_name": getattr(model, "ffcore_name", None),
-                "plan": (plan or dense_plan()).describe(), "suite": suite, "seed": seed, "tag": tag,
+                "plan": as_plan(plan).describe(), "suite": suite, "seed": seed,
                 **({"prefill": method.key} if method.key else {})}
         cache = ResultCache(cache_dir, key, meta)
         todo = [r for r in group if r["uid"] not in cache.records]
@@ -321,16 +270,15 @@ def _progress(items: list[Any], on: bool, desc: str) -> Any:
 
 def run_configs(
     model: Any, tokenizer: Any, dataset: Any, plans: dict[str, SparsityPlan | None],
-    cache_dir: str | Path | None = None, tags: dict[str, str] | None = None, config: RunConfig | None = None,
+    cache_dir: str | Path | None = None, config: RunConfig | None = None,
     methods: dict[str, PrefillMethod] | None = None,
 ) -> dict[str, list[dict[str, Any]]]:
     """Evaluate several named plans (include a dense one, e.g. `{'dense': None, ...}`); dense reused via the cache.
 
     `methods` names a prefill method per configuration (default: the full prefill).
     """
-    tags, methods = tags or {}, methods or {}
-    return {name: evaluate(model, tokenizer, dataset, plan, cache_dir, tags.get(name, ""), config,
-                           methods.get(name, FULL))
+    methods = methods or {}
+    return {name: evaluate(model, tokenizer, dataset, plan, cache_dir, config, methods.get(name, FULL))
             for name, plan in plans.items()}
 
 

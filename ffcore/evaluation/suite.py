@@ -39,6 +39,8 @@ import tokenize as pytokenize
 from typing import Any, Callable, Sequence
 
 from ffcore.config import StrictConfig
+from ffcore.data import documents
+from ffcore.evaluation.metrics import edit_similarity
 
 SUITE_NAME = "ffcore-local"
 SUITE_VERSION = "2"
@@ -192,8 +194,6 @@ def fit_units(render: Callable[[int], str], n_max: int, budget: int, tokenizer: 
 @functools.lru_cache(maxsize=4)
 def _eval_docs(source: str) -> tuple[tuple[str, str], ...]:
     """(doc_id, text) of the eval split of one source, in id order (cached per process)."""
-    from ffcore.data import documents
-
     ds = documents(source, "eval")
     return tuple(sorted(zip(ds["doc_id"], ds["text"])))
 
@@ -501,8 +501,6 @@ def healed_ids(tokenizer: Any, prompt: str, target_line: str) -> list[int]:
 
 
 def _code_rows(tokenizer: Any, cfg: SuiteConfig) -> list[dict[str, Any]]:
-    from ffcore.evaluation.metrics import edit_similarity
-
     docs = [(d, t) for d, t in _eval_docs("code") if _family(d) != "encodings"]  # encodings: near-duplicates
     rows = []
     for i in range(cfg.n_per_task):
@@ -616,26 +614,6 @@ def suite_overview(dataset: Any) -> list[dict[str, Any]]:
     for d in out.values():
         d["chance"] = d["chance"] / d["n"]
     return list(out.values())
-
-
-def suite_config(profile: str, **overrides: Any) -> SuiteConfig:
-    """The suite size of a run profile: smoke (tiny models, seconds), quick (3/task), full (5/task), ~1K-token prompts.
-
-    On two CPU cores one sample costs about 3-5 s (a 1K-token prefill is 2.5-3.5 s, notebook 01, plus
-    a short greedy decode), and notebooks 05-06 evaluate 17 model-configurations of up to 5 tasks, so
-    the default profiles stay small: 5 samples per task at 1K tokens (8 blocks of 128, 6 of them
-    sparse). On a faster machine pass n_per_task=24, context_tokens=(1024, 2048, 4096).
-    """
-    from ffcore.profiles import pick
-
-    base = pick(
-        profile,
-        smoke=dict(n_per_task=2, context_tokens=(768,), continuation_tokens=16, continuation_greedy=4,
-                   code_max_new_tokens=8),
-        quick=dict(n_per_task=3, context_tokens=(1024,)),
-        full=dict(n_per_task=5, context_tokens=(1024,)),
-    )
-    return SuiteConfig.from_dict({**base, **overrides})
 
 
 def task_specs(names: Sequence[str] | None = None) -> list[TaskSpec]:

@@ -20,7 +20,7 @@ def table_chart(rows: Sequence[Mapping[str, Any]], title: str, dense_label: str 
     """Average score (0-100) with its 95 % bootstrap CI per configuration, one panel per model.
 
     The dense baseline is a grey bar and a dashed line; every other bar is annotated with its
-    relative gap to dense in percent. `rows` are `ffcore.evaluation.tables.accuracy_rows` output.
+    relative gap to dense in percent. `rows` are `ffcore.experiments.accuracy.accuracy_rows` output.
     """
     models = _models(rows)
     if not models:

@@ -7,14 +7,15 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from ffcore.plots import PALETTE
+from ffcore.specprefill import Method
 
 SERIES_STYLE = {  # method -> (colour, marker)
     "specprefill/same": (PALETTE[0], "o"),
     "specprefill/first": (PALETTE[1], "s"),
-    "fastforward": (PALETTE[2], "^"),
-    "specprefill+fastforward": (PALETTE[3], "D"),
-    "specprefill, windows on cache slots": (PALETTE[4], "x"),
-    "specprefill, last chunk not forced": (PALETTE[5 % len(PALETTE)], "v"),
+    Method.FASTFORWARD.value: (PALETTE[2], "^"),
+    Method.COMBINATION.value: (PALETTE[3], "D"),
+    Method.SPECPREFILL_CACHE_WINDOWS.value: (PALETTE[4], "x"),
+    Method.SPECPREFILL_NO_LAST.value: (PALETTE[5 % len(PALETTE)], "v"),
 }
 
 
@@ -49,7 +50,7 @@ def score_profile(scores: Mapping[str, Any], kept: Mapping[str, Any], title: str
 
 def _series_key(row: Mapping[str, Any]) -> str:
     m = row["method"]
-    if m == "specprefill":
+    if m == Method.SPECPREFILL.value:
         return "specprefill/same" if str(row["speculator"]).startswith("same") else "specprefill/first"
     return m
 
@@ -59,21 +60,21 @@ def _series_label(key: str, rows: Sequence[Mapping[str, Any]]) -> str:
         return "SpecPrefill, same-model speculator (keep rate)"
     if key == "specprefill/first":
         return f"SpecPrefill, {rows[0]['speculator']} speculator (keep rate)"
-    if key == "fastforward":
+    if key == Method.FASTFORWARD.value:
         return "FastForward alone (sparsity)"
-    if key == "specprefill+fastforward":
+    if key == Method.COMBINATION.value:
         return f"SpecPrefill [{rows[0]['speculator']}] + FastForward (keep rate / sparsity)"
-    if key == "specprefill, windows on cache slots":
+    if key == Method.SPECPREFILL_CACHE_WINDOWS.value:
         return f"SpecPrefill [{rows[0]['speculator']}], sliding windows on cache slots"
-    if key == "specprefill, last chunk not forced":
+    if key == Method.SPECPREFILL_NO_LAST.value:
         return f"SpecPrefill [{rows[0]['speculator']}], last chunk (the question) not forced in"
     return f"{key} (keep rate)"
 
 
 def _annotation(key: str, row: Mapping[str, Any]) -> str:
-    if key == "fastforward":
+    if key == Method.FASTFORWARD.value:
         return f"{row['sparsity']:.0%}"
-    if key == "specprefill+fastforward":
+    if key == Method.COMBINATION.value:
         return f"{row['keep_rate']}/{row['sparsity']:.0%}"
     return f"{row['keep_rate']}"
 
@@ -90,11 +91,11 @@ def pareto(
     models = list(dict.fromkeys(r["model"] for r in summary))
     fig, axes = plt.subplots(1, len(models), figsize=(6.4 * len(models), 4.8), squeeze=False)
     for ax, model in zip(axes[0], models):
-        rows = [r for r in summary if r["model"] == model and r["method"] != "dense"]
+        rows = [r for r in summary if r["model"] == model and r["method"] != Method.DENSE.value]
         series: dict[str, list[Mapping[str, Any]]] = {}
         for r in rows:
             series.setdefault(_series_key(r), []).append(r)
-        regular = [scale * r[gap_key] for r in rows if _series_key(r) != "specprefill, windows on cache slots"]
+        regular = [scale * r[gap_key] for r in rows if _series_key(r) != Method.SPECPREFILL_CACHE_WINDOWS.value]
         if ci_keys:
             regular += [scale * r[k] for r in rows for k in ci_keys]
         regular = [v for v in regular if np.isfinite(v)]  # an undefined gap (dense scored 0) is not drawn
@@ -115,7 +116,7 @@ def pareto(
                                     textcoords="offset points", ha="center", fontsize=7, color=colour,
                                     arrowprops=dict(arrowstyle="->", color=colour))
                 y = [min(v, top * 0.97) for v in y]
-            ls = "none" if key == "specprefill+fastforward" or len(rs) == 1 else "-"
+            ls = "none" if key == Method.COMBINATION.value or len(rs) == 1 else "-"
             ax.plot(x, y, marker=marker, color=colour, ls=ls, lw=1.2, ms=6, label=_series_label(key, rs))
             for r, xi, yi in zip(rs, x, y):
                 ax.annotate(_annotation(key, r), (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=7,

@@ -1,4 +1,4 @@
-"""The block-sparse gated FFN: fused weight layout, block layout, and the fast compute path.
+"""The block-sparse gated FFN: the fused weight layout and the fast compute path.
 
 Layout (built once per MLP, cached): `w_gu[j] = concat(W_gate[j], W_up[j])` ([f, 2d]) so one
 row gather serves gate and up, and `w_down_t = W_down^T` ([f, d]) so an expert's down
@@ -8,6 +8,7 @@ row gathers and two dense matmuls of size K instead of f.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import threading
 import weakref
 from concurrent.futures import ThreadPoolExecutor
@@ -16,6 +17,9 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from ffcore.engine.layout import Span
+from ffcore.engine.plan import BACKENDS, EngineOptions
 
 
 @dataclasses.dataclass
@@ -49,13 +53,27 @@ def _stamp(mlp: nn.Module) -> tuple:
     return tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in ps)
 
 
-def _act_name(act: nn.Module) -> str:
-    name = type(act).__name__.lower()
-    if "silu" in name or "swish" in name:
+# Activation classes by the function they compute (transformers.activations and torch.nn). Checked
+# against torch's exact and tanh-approximated GELU and SiLU in tests/test_engine.py.
+_SILU = ("SiLUActivation", "SiLU")
+_GELU_TANH = ("GELUTanh", "PytorchGELUTanh", "NewGELUActivation", "FastGELUActivation", "AccurateGELUActivation")
+_GELU_EXACT = ("GELUActivation",)
+
+
+def act_name(act: nn.Module) -> str:
+    """'silu', 'gelu_tanh', 'gelu' (exact) or 'other' for a gated MLP's activation module.
+
+    'other' (QuickGELU, clipped GELU, ReLU, ...) runs on the torch path with the module itself; the
+    Triton kernels know only the three named functions and refuse it with a clear error.
+    """
+    cls = type(act).__name__
+    if cls in _SILU:
         return "silu"
-    if "gelu" in name and ("tanh" in name or getattr(act, "approximate", "") == "tanh"):
+    if cls in _GELU_TANH:
         return "gelu_tanh"
-    if "gelu" in name:
+    if cls == "GELU":  # torch.nn.GELU
+        return "gelu_tanh" if getattr(act, "approximate", "none") == "tanh" else "gelu"
+    if cls in _GELU_EXACT:
         return "gelu"
     return "other"
 
@@ -76,7 +94,7 @@ def fused_ffn(mlp: nn.Module) -> FusedFFN:
             zeros = torch.zeros(wg.shape[0], dtype=wg.dtype, device=wg.device)
             b_gu = torch.stack([bg if bg is not None else zeros, bu if bu is not None else zeros], 1)  # [f, 2]
         b_down = None if mlp.down_proj.bias is None else mlp.down_proj.bias.detach().clone()
-    fused = FusedFFN(w_gu, w_down_t, b_gu, b_down, mlp.act_fn, _act_name(mlp.act_fn), stamp)
+    fused = FusedFFN(w_gu, w_down_t, b_gu, b_down, mlp.act_fn, act_name(mlp.act_fn), stamp)
     _CACHE[mlp] = fused
     return fused
 
@@ -84,31 +102,6 @@ def fused_ffn(mlp: nn.Module) -> FusedFFN:
 def clear_cache() -> None:
     """Drop every cached fused layout (frees the duplicated FFN weights)."""
     _CACHE.clear()
-
-
-# ----------------------------------------------------------------------------- blocks
-def block_spans(T: int, block_size: int) -> list[tuple[int, int]]:
-    """[start, end) of each block of a T-token sequence; the last block may be partial."""
-    return [(s, min(s + block_size, T)) for s in range(0, T, block_size)]
-
-
-def split_dense_sparse(
-    T: int, block_size: int, dense_first: bool, dense_last: bool, offset: int = 0,
-) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
-    """Split a sequence's blocks into (dense spans, sparse spans).
-
-    `offset` > 0 means this call continues an earlier prefill (KV cache): its first block
-    does not hold the sequence's sinks, so `dense_first` does not apply to it.
-    """
-    spans = block_spans(T, block_size)
-    dense_ids = set()
-    if dense_first and offset == 0:
-        dense_ids.add(0)
-    if dense_last:
-        dense_ids.add(len(spans) - 1)
-    dense = [s for i, s in enumerate(spans) if i in dense_ids]
-    sparse = [s for i, s in enumerate(spans) if i not in dense_ids]
-    return dense, sparse
 
 
 # ----------------------------------------------------------------------------- compute
@@ -150,26 +143,9 @@ def sparse_block_forward(x: Tensor, fused: FusedFFN, idx: Tensor, out: Tensor | 
     return torch.mm(h, wd, out=out) if out is not None else h @ wd
 
 
-def sparse_blocks_batched(x: Tensor, fused: FusedFFN, starts: Sequence[int], n: int, idx: Tensor) -> Tensor:
-    """Several full blocks at once: n rows from each start, idx [nb, K] -> [nb, n, d] (no down bias)."""
-    nb, K = idx.shape
-    xb = torch.stack([x[s : s + n] for s in starts])  # [nb, n, d]
-    flat = idx.reshape(-1)
-    w = fused.w_gu.index_select(0, flat).view(nb, 2 * K, fused.d)  # [nb*K, 2d] -> [nb, 2K, d]
-    gu = torch.bmm(xb, w.transpose(1, 2)).view(nb, n, K, 2)  # [nb, n, 2K] -> [nb, n, K, 2]
-    if fused.b_gu is not None:
-        gu = gu + fused.b_gu.index_select(0, flat).view(nb, 1, K, 2)
-    h = fused.act(gu[..., 0]) * gu[..., 1]  # [nb, n, K]
-    wd = fused.w_down_t.index_select(0, flat).view(nb, K, fused.d)  # [nb, K, d]
-    return torch.bmm(h, wd)
-
-
 def dense_rows_forward(x: Tensor, fused: FusedFFN) -> Tensor:
     """Dense FFN over rows x [n, d] -> [n, d] through the fused layout (no down bias)."""
     return dense_activations(x, fused) @ fused.w_down_t
-
-
-BACKENDS = ("auto", "torch", "triton")
 
 
 def resolve_backend(backend: str, x: Tensor, fused: FusedFFN) -> str:
@@ -188,40 +164,35 @@ def resolve_backend(backend: str, x: Tensor, fused: FusedFFN) -> str:
 
 
 def _has_triton() -> bool:
-    import importlib.util
-
     return importlib.util.find_spec("triton") is not None
 
 
 def block_sparse_ffn(
-    x: Tensor, fused: FusedFFN, dense_spans: Sequence[tuple[int, int]],
-    sparse_spans: Sequence[tuple[int, int]], idx: Tensor | None, dense_fn: Callable[[Tensor], Tensor],
-    group: int = 1, backend: str = "auto",
+    x: Tensor, fused: FusedFFN, dense_spans: Sequence[Span], sparse_spans: Sequence[Span], idx: Tensor | None,
+    dense_fn: Callable[[Tensor], Tensor], options: EngineOptions = EngineOptions(),
 ) -> Tensor:
     """One sequence's FFN output [T, d]: dense spans through `dense_fn`, sparse spans with experts idx [ns, K].
 
-    backend: 'torch' (the CPU fast path), 'triton' (ffcore.kernels: all sparse blocks of the
-    layer in two launches), or 'auto' (Triton on CUDA, torch elsewhere). With the torch path,
-    `group` > 1 runs that many full-size sparse blocks per batched matmul; 1 loops per block
-    (faster on CPU, where a block's gathered weights stay in cache). On a multi-core CPU the
-    blocks are spread over `torch.get_num_threads()` workers, each running single-threaded
-    BLAS (see `block_workers`): a 128-row GEMM splits poorly across cores, whole blocks do not.
+    `options.backend`: 'torch' (the CPU fast path), 'triton' (ffcore.kernels: all sparse blocks of
+    the layer in two launches), or 'auto' (Triton on CUDA, torch elsewhere). On a multi-core CPU with
+    `options.block_parallel` the blocks are spread over `torch.get_num_threads()` workers, each
+    running single-threaded BLAS (see `block_workers`): a 128-row GEMM splits poorly across cores,
+    whole blocks do not.
     """
     out = torch.empty_like(x)
     for s, e in dense_spans:
         out[s:e] = dense_fn(x[s:e])
     if sparse_spans:
         assert idx is not None and idx.shape[0] == len(sparse_spans)
-        if resolve_backend(backend, x, fused) == "triton":
-            from ffcore.kernels import block_sparse_ffn as triton_block_sparse_ffn
+        if resolve_backend(options.backend, x, fused) == "triton":
+            from ffcore.kernels import block_sparse_ffn as triton_block_sparse_ffn  # optional: imports triton
 
             starts = torch.tensor([s for s, _ in sparse_spans], dtype=torch.int32, device=x.device)
             width = max(e - s for s, e in sparse_spans)  # the block size (a lone partial block: its length)
-            return triton_block_sparse_ffn(x, fused.w_gu, fused.w_down_t, starts, idx, width, fused.act_name, out=out)
-        workers = block_workers(x, len(sparse_spans))
-        if group > 1:
-            _sparse_grouped(x, fused, sparse_spans, idx, group, out)
-        elif workers > 1:
+            return triton_block_sparse_ffn(x, fused.w_gu, fused.w_down_t, starts, idx.contiguous(), width,
+                                           fused.act_name, out=out)
+        workers = block_workers(x, len(sparse_spans), options.block_parallel)
+        if workers > 1:
             _sparse_parallel(x, fused, sparse_spans, idx, out, workers)
         else:
             write_in_place = not x.requires_grad  # mm(out=) does not support autograd
@@ -236,29 +207,14 @@ def block_sparse_ffn(
     return out
 
 
-def _sparse_grouped(x: Tensor, fused: FusedFFN, spans: Sequence[tuple[int, int]], idx: Tensor,
-                    group: int, out: Tensor) -> None:
-    full = [j for j, (s, e) in enumerate(spans) if e - s == spans[0][1] - spans[0][0]]
-    n = spans[0][1] - spans[0][0]
-    for g in range(0, len(full), group):
-        ids = full[g : g + group]
-        y = sparse_blocks_batched(x, fused, [spans[j][0] for j in ids], n, idx[ids])
-        for k, j in enumerate(ids):
-            out[spans[j][0] : spans[j][1]] = y[k]
-    for j, (s, e) in enumerate(spans):
-        if j not in full:
-            out[s:e] = sparse_block_forward(x[s:e], fused, idx[j])
-
-
 # ----------------------------------------------------------------------------- CPU block parallelism
-BLOCK_PARALLEL = True  # module switch: spread a layer's sparse blocks over CPU threads
 _POOLS: dict[int, "ThreadPoolExecutor"] = {}
 _POOL_LOCK = threading.Lock()
 
 
-def block_workers(x: Tensor, n_blocks: int) -> int:
-    """How many threads run a layer's sparse blocks: 1 unless CPU, no autograd, >= 2 blocks and >= 2 torch threads."""
-    if not BLOCK_PARALLEL or x.device.type != "cpu" or x.requires_grad:
+def block_workers(x: Tensor, n_blocks: int, parallel: bool = True) -> int:
+    """How many threads run a layer's sparse blocks: 1 unless parallel, CPU, no autograd, >= 2 blocks and threads."""
+    if not parallel or x.device.type != "cpu" or x.requires_grad:
         return 1
     if threading.current_thread() is not threading.main_thread():
         return 1  # nested use from a worker (or a user's thread): stay sequential

@@ -1,9 +1,9 @@
-"""Notebook 07's experiments: FFN-module and end-to-end prefill speed, measured beside the FLOP model.
+"""Notebook 07 (speed): FFN-module and end-to-end prefill speed, measured beside the FLOP model.
 
 Three measurements (paper section 5, Figs. 6-7):
 
 * `ffn_records`: FFN-module time, dense vs block-sparse, per model shape, context length and
-  density (`ffcore.bench.bench_ffn`, side by side in one process, medians of repeats), with the
+  density (`ffcore.bench.bench_ffn`, interleaved in one process, median per-round ratio), with the
   FLOP-ideal FFN speedup (dense first/last blocks included) beside each.
 * `flop_curve_records`: the compute-bound end-to-end prefill speedup of the real per-layer
   schedules from notebook 02, with predictor and compensator overheads (`ffcore.flops.plan_speedup`).
@@ -11,24 +11,25 @@ Three measurements (paper section 5, Figs. 6-7):
   models (`ffcore.bench.bench_ttft`), each beside its FLOP-model speedup.
 
 Measured times depend on the machine and on what else runs on it: every record carries the
-thread count and the 1-minute load average after the measurement.
+thread count, the 1-minute load average, all samples and the interquartile range of the ratio.
 """
 from __future__ import annotations
 
 import dataclasses
 import gc
-import os
+import json
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from ffcore import flops
 from ffcore.bench import FFNBenchConfig, bench_ffn, bench_ttft
 from ffcore.config import StrictConfig
-from ffcore.plan import SparsityPlan
-from ffcore.profiles import pick
+from ffcore.engine import SparsityPlan
+from ffcore.experiments.profiles import pick
 
 
 @dataclasses.dataclass
@@ -59,20 +60,14 @@ def settings(profile: str) -> SpeedSettings:
     )
 
 
-def _load() -> float:
-    return os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-
-
 def ffn_records(
     mlps: dict[str, nn.Module], cfg: SpeedSettings, seed: int = 0, progress: bool = True,
 ) -> list[dict[str, Any]]:
     """Dense vs sparse FFN-module time for each named MLP at every (tokens, density)."""
-    from tqdm.auto import tqdm
-
     bcfg = FFNBenchConfig(tokens=cfg.ffn_tokens, densities=cfg.ffn_densities, repeats=cfg.ffn_repeats, seed=seed)
     rows: list[dict[str, Any]] = []
     for name, mlp in tqdm(mlps.items(), desc="FFN bench", disable=not progress):
-        rows += [{**r, "load_1min": _load()} for r in bench_ffn(mlp, bcfg, label=name)]
+        rows += bench_ffn(mlp, bcfg, label=name)
     return rows
 
 
@@ -88,13 +83,13 @@ def flop_curve_records(
     rows = []
     for spec in specs:
         for sparsity in sorted({s for m in schedules.values() for s in m} | set(flops.PAPER_SPARSITIES)):
-            plans = {"uniform": 1.0 - sparsity}
+            plans = {"uniform": SparsityPlan(1.0 - sparsity)}
             if sparsity in schedules.get(spec.name, {}):
-                plans["layer-wise"] = schedules[spec.name][sparsity]
-            for kind, dens in plans.items():
+                plans["layer-wise"] = SparsityPlan(schedules[spec.name][sparsity])
+            for kind, plan in plans.items():
                 for T in Ts:
-                    r = flops.plan_speedup(spec, int(T), dens)
-                    bare = flops.plan_speedup(spec, int(T), dens, predictor=False, compensator=False)
+                    r = flops.plan_speedup(spec, int(T), plan, overheads=True)
+                    bare = flops.plan_speedup(spec, int(T), plan, overheads=False)
                     rows.append({"model": spec.name, "sparsity": sparsity, "schedule": kind, "T": int(T),
                                  "speedup": r["speedup"], "speedup_no_overheads": bare["speedup"],
                                  "ffn_speedup": r["ffn_speedup"],
@@ -109,41 +104,37 @@ def ttft_records(
     """Measured TTFT dense vs each plan at every (T, sparsity) of `grid`, beside the FLOP-model speedup.
 
     `prompt` [1, >= max T] is real text; shorter prompts are its prefixes. `plans[label](sparsity)`
-    builds the plan. Dense and sparse forwards are interleaved (`bench_ttft`).
+    builds the plan. At each length the dense prefill and every plan's are timed round-robin
+    (`ffcore.bench.bench_ttft`): one dense baseline shared by all of them, the speedup is the median of
+    the per-round ratios, with its interquartile range and the CPU-time ratio beside it.
     """
-    from tqdm.auto import tqdm
-
     spec = flops.spec_from_model(model)
     rows = []
-    items = [(T, s, label) for T, s in grid for label in plans]
-    for T, sparsity, label in tqdm(items, desc=f"TTFT {name}", disable=not progress):
+    lengths = list(dict.fromkeys(T for T, _ in grid))
+    for T in tqdm(lengths, desc=f"TTFT {name}", disable=not progress):
         if prompt.shape[1] < T:
             raise ValueError(f"prompt has {prompt.shape[1]} tokens, the grid needs {T}")
-        plan = plans[label](sparsity)
-        r = bench_ttft(model, prompt[:, :T], plan, repeats=repeats)
-        model_flops = flops.plan_speedup(spec, T, plan.densities if not isinstance(plan.densities, (int, float))
-                                         else float(plan.densities), plan.block_size, plan.dense_first,
-                                         plan.dense_last, predictor=label_uses(label, "predictor"),
-                                         compensator=plan.compensator is not None)
-        rows.append({
-            "model": name, "plan": label, "T": T, "sparsity": sparsity, "dense_s": r["dense_s"],
-            "sparse_s": r["sparse_s"], "speedup": r["speedup"], "flop_speedup": model_flops["speedup"],
-            "fraction_of_flop_speedup": r["speedup"] / model_flops["speedup"], "repeats": repeats,
-            "threads": torch.get_num_threads(), "load_1min": _load(),
-        })
+        at = {(label, s): plans[label](s) for t, s in grid if t == T for label in plans}
+        keys = {f"{label} @ {s:g}": (label, s) for label, s in at}  # timing name -> (plan label, sparsity)
+        res = bench_ttft(model, prompt[:, :T], {k: at[v] for k, v in keys.items()}, repeats=repeats)
+        rec = res["record"]
+        for k, (label, sparsity) in keys.items():
+            plan = at[(label, sparsity)]
+            model_flops = flops.plan_speedup(spec, T, plan)
+            r = res[k]
+            rows.append({
+                "model": name, "plan": label, "T": T, "sparsity": sparsity, "dense_s": rec.median("dense"),
+                "sparse_s": rec.median(k), **r, "flop_speedup": model_flops["speedup"],
+                "fraction_of_flop_speedup": r["speedup"] / model_flops["speedup"],
+                "dense_all_s": [round(t, 5) for t in rec.wall_s["dense"]],
+                "sparse_all_s": [round(t, 5) for t in rec.wall_s[k]], **rec.conditions(),
+            })
         gc.collect()
     return rows
 
 
-def label_uses(label: str, part: str) -> bool:
-    """Whether a plan label names a part ('predictor' or 'compensator')."""
-    return part in label
-
-
 def gpu_results(results_dir: Path) -> list[dict[str, Any]]:
     """Rows of committed GPU benchmark files (`gpu_ffn_bench*.json`), tagged with their device; [] if none."""
-    import json
-
     rows = []
     for path in sorted(Path(results_dir).glob("gpu_ffn_bench*.json")):
         doc = json.loads(path.read_text())

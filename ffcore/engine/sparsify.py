@@ -3,10 +3,10 @@
     with ffcore.sparsify(model, SparsityPlan(densities=0.5, policy="oracle")):
         logits = model(input_ids).logits
 
-Inside the context each layer's MLP runs prefill in blocks of `plan.block_size` tokens;
-the first/last block run dense (switches in the plan), every other block computes only
-its selected experts. Attention is untouched. Nested calls swap the plan of the existing
-wrappers (never double-wrap) and restore the outer plan on exit.
+Inside the context each layer's MLP runs prefill in blocks of `plan.block_size` tokens
+(`ffcore.engine.layout`); the first/last block run dense (switches in the plan), every other
+block computes only its selected experts. Attention is untouched. Nested calls swap the plan
+and options of the existing wrappers (never double-wrap) and restore the outer ones on exit.
 """
 from __future__ import annotations
 
@@ -17,24 +17,24 @@ from typing import Any, Iterator
 import torch
 from torch import Tensor, nn
 
+from ffcore.engine.layout import experts_for, split_blocks
+from ffcore.engine.plan import EngineOptions, SparsityPlan
+from ffcore.engine.policies import SelectContext, SelectionPolicy, make_policy
+from ffcore.engine.sparse_ffn import block_sparse_ffn, fused_ffn
 from ffcore.models import cache_from_kwargs, decoder_layers, gated_mlps
-from ffcore.plan import SparsityPlan
-from ffcore.policies import SelectContext, SelectionPolicy, make_policy
-from ffcore.sparse_ffn import block_sparse_ffn, fused_ffn, split_dense_sparse
 
 _SESSION_ATTR = "_ffcore_session"
 
 
 @dataclasses.dataclass
 class _RunState:
-    """What the wrappers of one model share: the active plan and the current call's cache offset."""
+    """What the wrappers of one model share: the active plan and options, and the current call's cache offset."""
 
     plan: SparsityPlan
     policy: SelectionPolicy
+    options: EngineOptions
     n_layers: int
     offset: int = 0  # tokens already in the KV cache when the current forward started
-    group: int = 1  # sparse blocks per batched matmul (1 = per-block loop)
-    backend: str = "auto"  # 'auto' | 'torch' | 'triton' (see ffcore.sparse_ffn.block_sparse_ffn)
     stats: dict[str, int] = dataclasses.field(default_factory=lambda: {"dense_tokens": 0, "sparse_tokens": 0})
 
 
@@ -51,7 +51,7 @@ class SparseMLP(nn.Module):
         """x [batch, T, d] -> [batch, T, d]."""
         st = self.state
         plan = st.plan
-        density = plan.density(self.layer, st.n_layers)
+        density = plan.density(self.layer)
         T = x.shape[1]
         decode = T == 1 and st.offset > 0
         if density >= 1.0 or plan.policy_name == "dense" and plan.compensator is None or (
@@ -60,11 +60,11 @@ class SparseMLP(nn.Module):
             st.stats["dense_tokens"] += x.shape[0] * T
             return self.original(x)
         fused = fused_ffn(self.original)
-        k = max(1, min(fused.f, round(density * fused.f)))
+        k = experts_for(density, fused.f)
         if decode:
             dense, sparse = [], [(0, 1)]
         else:
-            dense, sparse = split_dense_sparse(T, plan.block_size, plan.dense_first, plan.dense_last, st.offset)
+            dense, sparse = split_blocks(T, plan.block_size, plan.dense_first, plan.dense_last, st.offset)
         rows = []
         for b in range(x.shape[0]):
             xb = x[b]  # [T, d]
@@ -73,7 +73,8 @@ class SparseMLP(nn.Module):
                 ctx = SelectContext(self.layer, xb, sparse, k, fused, plan.block_size, decode, st.offset)
                 idx = st.policy.select(ctx)
                 _check_idx(idx, len(sparse), k, fused.f, st.policy)
-            y = block_sparse_ffn(xb, fused, dense, sparse, idx, self.original, st.group, st.backend)
+                idx = idx.contiguous()  # policies may return expanded views (stride 0); kernels need rows
+            y = block_sparse_ffn(xb, fused, dense, sparse, idx, self.original, st.options)
             if plan.compensator is not None and sparse:
                 add_corrections(plan.compensator, self.layer, xb, y, sparse, idx)
             rows.append(y)
@@ -113,7 +114,7 @@ class _Session:
     wrappers: list[SparseMLP]
     state: _RunState
     hook: Any
-    plans: list[tuple[SparsityPlan, SelectionPolicy]]
+    stack: list[tuple[SparsityPlan, SelectionPolicy, EngineOptions]]
 
 
 def _policy_for(plan: SparsityPlan) -> SelectionPolicy:
@@ -147,36 +148,34 @@ def _cache_offset(kwargs: dict) -> int:
 
 
 @contextlib.contextmanager
-def sparsify(
-    model: nn.Module, plan: SparsityPlan, group: int = 1, backend: str = "auto",
-) -> Iterator[_RunState]:
+def sparsify(model: nn.Module, plan: SparsityPlan, options: EngineOptions | None = None) -> Iterator[_RunState]:
     """Run `model` with block-sparse FFNs following `plan` inside the context; restore on exit.
 
-    backend: 'auto' (Triton kernels for CUDA inputs, the torch fast path otherwise),
-    'torch', or 'triton' (on CPU only under TRITON_INTERPRET=1, for tests).
+    `options` (`EngineOptions`) says how: the backend ('auto': Triton kernels for CUDA inputs, the
+    torch fast path otherwise) and CPU block parallelism. A nested call swaps in its own plan and
+    options and restores the outer ones on exit.
     """
-    from ffcore.sparse_ffn import BACKENDS
-
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+    options = EngineOptions() if options is None else options
+    if not isinstance(options, EngineOptions):
+        raise TypeError(f"options must be an EngineOptions, got {type(options).__name__}")
     layers = list(decoder_layers(model))
     plan.check_layers(len(layers))
     policy = _policy_for(plan)
     session: _Session | None = getattr(model, _SESSION_ATTR, None)
-    if session is not None:  # nested: swap the plan, keep the wrappers
-        session.plans.append((plan, policy))
-        session.state.plan, session.state.policy = plan, policy
+    if session is not None:  # nested: swap the plan and options, keep the wrappers
+        session.stack.append((plan, policy, options))
+        session.state.plan, session.state.policy, session.state.options = plan, policy, options
         try:
             yield session.state
         finally:
-            session.plans.pop()
-            session.state.plan, session.state.policy = session.plans[-1]
+            session.stack.pop()
+            session.state.plan, session.state.policy, session.state.options = session.stack[-1]
         return
     originals = gated_mlps(model)
-    state = _RunState(plan, policy, len(layers), group=group, backend=backend)
+    state = _RunState(plan, policy, options, len(layers))
     wrappers = [SparseMLP(mlp, i, state) for i, mlp in enumerate(originals)]
     hook = model.register_forward_pre_hook(_pre_forward(state), with_kwargs=True)
-    session = _Session(layers, originals, wrappers, state, hook, [(plan, policy)])
+    session = _Session(layers, originals, wrappers, state, hook, [(plan, policy, options)])
     try:
         for layer, w in zip(layers, wrappers):
             layer.mlp = w

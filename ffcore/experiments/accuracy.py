@@ -1,12 +1,12 @@
-"""The paper's accuracy tables (Tables 2-7) on the local suite: configurations, plans, runs, tables.
-
-Notebooks 05 (Tables 2-3) and 06 (Tables 4-7) stay thin by calling this module:
+"""The machinery of the accuracy notebooks (05: Tables 2-3, 06: Tables 4-7, 08's suite table):
+configurations, plans, runs, tables, comparisons and their verdict text. Each notebook's own module
+(`nb05_accuracy`, `nb06_ablations`) names its tables' configurations and comparisons:
 
     S = settings(PROFILE, SEED)
     comps = load_components("gemma3-270m", PROFILE)            # model + predictor + compensators
     suite = build_suite(comps.tokenizer, S.suite)
-    results = run_specs(comps, table_specs("table2", S), suite, cache_dir(PROFILE), tasks=kept)
-    rows = accuracy_rows("table2", comps.key, results, kept, S)
+    results = run_specs(comps, nb05.table_specs("table2", S.sparsities), suite, cache_dir(PROFILE), tasks=kept)
+    rows = accuracy_rows("table2", comps.key, specs, results, kept)
 
 A configuration is a `ConfigSpec` (sparsity, schedule, expert policy, compensator, which blocks
 stay dense, whether decode is sparse too); `build_plan` turns it into a `SparsityPlan` with the
@@ -22,19 +22,24 @@ schedule row of Table 4, and its Table 7 keeps only the first block dense), the 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
+import json
 import math
+import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from ffcore.config import StrictConfig
+from ffcore.engine import SparsityPlan
 from ffcore.evaluation.runner import RunConfig, evaluate
 from ffcore.evaluation.scoring import (continuation_table, paired_gap, paired_metric_change, select_tasks, summarize,
                                        task_table)
-from ffcore.evaluation.suite import SUITE_VERSION, SuiteConfig, suite_config
-from ffcore.plan import SparsityPlan
-from ffcore.profiles import models_for, pick
-from ffcore.results import out_dirs
+from ffcore.evaluation.suite import SUITE_VERSION, SuiteConfig
+from ffcore.experiments.nb02_calibration import load_schedule
+from ffcore.experiments.nb03_predictor import load_profile_predictor
+from ffcore.experiments.nb04_compensator import load_profile_compensator
+from ffcore.experiments.profiles import models_for, pick
+from ffcore.models import load_model
+from ffcore.results import out_dirs, read_json
 
 Records = Sequence[Mapping[str, Any]]
 
@@ -42,16 +47,6 @@ SCHEDULES = ("layerwise", "uniform")
 POLICIES = ("dense", "predictor", "oracle", "first_block_static", "random")
 COMPENSATORS = (None, "plain", "masked")
 DENSE_LABEL = "dense"
-
-TABLES: dict[str, str] = {
-    "table2": "Accuracy vs FFN sparsity (paper Table 2)",
-    "table3": "Sparsity in prefill only vs also in generation (paper Table 3)",
-    "table4": "Layer-wise vs uniform sparsity schedule (paper Table 4)",
-    "table5": "Which blocks stay dense (paper Table 5)",
-    "table6": "Error compensator: without, plain, mask-conditioned (paper Table 6)",
-    "table7": "Expert selection: trained predictor vs per-block oracle vs first-block static (paper Table 7)",
-}
-
 
 # ------------------------------------------------------------------------------ configurations
 @dataclasses.dataclass(frozen=True)
@@ -100,25 +95,6 @@ def method(sparsity: float, label: str | None = None, **changes: Any) -> ConfigS
     return ConfigSpec(label or f"{sparsity:.0%} sparsity", sparsity=sparsity, **changes)
 
 
-def table_specs(table: str, sparsities: Sequence[float] = (0.3, 0.4, 0.5), ablation: float = 0.5) -> list[ConfigSpec]:
-    """The configurations of one table (dense first); ablations vary one factor of `method(ablation)`."""
-    a = ablation
-    specs = {
-        "table2": [method(s) for s in sparsities],
-        "table3": [method(a, f"{a:.0%} prefill only"), method(a, f"{a:.0%} prefill + generation", sparse_decode=True)],
-        "table4": [method(a, f"layer-wise {a:.0%}"), method(a, f"uniform {a:.0%}", schedule="uniform")],
-        "table5": [method(a, "all blocks sparse", dense_first=False, dense_last=False),
-                   method(a, "+ dense first", dense_last=False), method(a, "+ dense first & last")],
-        "table6": [method(a, "no compensator", compensator=None), method(a, "plain compensator"),
-                   method(a, "mask-conditioned compensator", compensator="masked")],
-        "table7": [method(a, "trained predictor"), method(a, "per-block oracle", policy="oracle"),
-                   method(a, "first-block static", policy="first_block_static")],
-    }
-    if table not in specs:
-        raise ValueError(f"unknown table {table!r}; choose one of {sorted(specs)}")
-    return [DENSE, *specs[table]]
-
-
 # ------------------------------------------------------------------------------ settings
 @dataclasses.dataclass
 class AccuracySettings(StrictConfig):
@@ -156,6 +132,25 @@ class AccuracySettings(StrictConfig):
                 raise ValueError(f"sparsities must lie in (0, 1), got {s}")
         if not 0.0 < self.level < 1.0 or self.n_boot < 100:
             raise ValueError("level must be in (0, 1) and n_boot >= 100")
+
+
+def suite_config(profile: str, **overrides: Any) -> SuiteConfig:
+    """The suite size of a run profile: smoke (tiny models, seconds), quick (3/task), full (5/task), ~1K-token prompts.
+
+    On two CPU cores one sample costs about 3-5 s (a 1K-token prefill is 2.5-3.5 s, notebook 01, plus
+    a short greedy decode), and notebooks 05-06 evaluate 17 model-configurations of up to 5 tasks, so
+    the default profiles stay small: 5 samples per task at 1K tokens (8 blocks of 128, 6 of them
+    sparse). On a faster machine pass n_per_task=24, context_tokens=(1024, 2048, 4096).
+    """
+    base = pick(
+        profile,
+        smoke=dict(n_per_task=2, context_tokens=(768,), continuation_tokens=16, continuation_greedy=4,
+                   code_max_new_tokens=8),
+        quick=dict(n_per_task=3, context_tokens=(1024,)),
+        full=dict(n_per_task=5, context_tokens=(1024,)),
+    )
+    return SuiteConfig.from_dict({**base, **overrides})
+
 
 
 def settings(profile: str, seed: int = 0, progress: bool = True, all_ablation_models: bool = False) -> AccuracySettings:
@@ -205,20 +200,12 @@ def load_components(
     tokenizer: Any = None,
 ) -> Components:
     """Load `key` (unless given) with its trained predictor (notebook 03) and compensators (notebook 04)."""
-    from ffcore.models import load_model
-    from ffcore.predictor import load_predictor, predictor_dir
-
     if model is None:
         model, tokenizer = load_model(key)
     elif tokenizer is None:
         raise ValueError("pass the tokenizer together with the model")
-    pred = load_predictor(predictor_dir(key, profile), model).to(next(model.parameters()).device)
-    comps: dict[str, Any] = {}
-    if compensators:
-        from ffcore.compensator import compensator_dir, load_compensator
-
-        for variant in compensators:
-            comps[variant] = load_compensator(compensator_dir(key, profile, variant), model)
+    pred = load_profile_predictor(key, profile, model).to(next(model.parameters()).device)
+    comps = {variant: load_profile_compensator(key, profile, variant, model) for variant in compensators}
     return Components(key, model, tokenizer, profile, pred, comps)
 
 
@@ -228,8 +215,6 @@ def build_plan(spec: ConfigSpec, comps: Components, seed: int = 0) -> SparsityPl
         return None
     density = round(1.0 - spec.sparsity, 6)
     if spec.schedule == "layerwise":
-        from ffcore.schedule import load_schedule
-
         densities: float | list[float] = load_schedule(comps.model, density, comps.profile)
     else:
         densities = density
@@ -247,36 +232,6 @@ def build_plan(spec: ConfigSpec, comps: Components, seed: int = 0) -> SparsityPl
         comp = comps.compensators[spec.compensator]
     return SparsityPlan(densities=densities, policy=policy, dense_first=spec.dense_first, dense_last=spec.dense_last,
                         sparse_decode=spec.sparse_decode, compensator=comp, seed=seed)
-
-
-def object_digest(obj: Any) -> str:
-    """A short digest of a trained object's weights (its own `digest()` if it has one); '' for None or a name."""
-    if obj is None or isinstance(obj, str):
-        return ""
-    own = getattr(obj, "digest", None)
-    if callable(own):
-        return str(own())
-    state = getattr(obj, "state_dict", None)
-    if not callable(state):
-        raise TypeError(f"cannot digest {type(obj).__name__}: give it a digest() method or make it an nn.Module")
-    h = hashlib.sha256()
-    for name, t in sorted(state().items()):
-        h.update(name.encode())
-        h.update(str(tuple(t.shape)).encode())
-        h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:12]
-
-
-def plan_tag(plan: SparsityPlan | None) -> str:
-    """Cache tag naming the exact weights of the plan's policy and compensator (`plan.key()` only names them)."""
-    if plan is None:
-        return ""
-    parts = []
-    if d := object_digest(plan.policy):
-        parts.append(f"policy={d}")
-    if d := object_digest(plan.compensator):
-        parts.append(f"compensator={d}")
-    return ";".join(parts)
 
 
 # ------------------------------------------------------------------------------ running
@@ -303,7 +258,7 @@ def run_specs(
     out = {}
     for spec in specs:
         plan = build_plan(spec, comps, seed)
-        out[spec.label] = evaluate(comps.model, comps.tokenizer, rows, plan, cache, plan_tag(plan), run)
+        out[spec.label] = evaluate(comps.model, comps.tokenizer, rows, plan, cache, run)
     return out
 
 
@@ -334,8 +289,6 @@ def accuracy_rows(
 
     Scores are on a 0-100 scale (like the paper's tables); the gap is relative, in percent.
     """
-    if table not in TABLES:
-        raise ValueError(f"unknown table {table!r}; choose one of {sorted(TABLES)}")
     summ = {r["config"]: r for r in summarize(results, dense=DENSE_LABEL, tasks=tasks, n_boot=n_boot, level=level,
                                               seed=seed)}
     out = []
@@ -452,35 +405,14 @@ def kl_verdict(rows: Sequence[Mapping[str, Any]]) -> str:
         agree = c["agrees_with_paper"]
         tail = "" if paper is None or agree is None else f" — {paper}: {'consistent' if agree else '**not** consistent'}"
         lines.append(f"- **{c['model']}**: *{c['other']}* KL {c['other_kl']:.4f} vs {c['reference_kl']:.4f} for "
-                     f"*{c['reference']}* ({d:+.1f} %, {word}; CI {_fmt_ci(c['ci_low'], c['ci_high'])}, "
+                     f"*{c['reference']}* ({d:+.1f} %, {word}; CI {fmt_ci(c['ci_low'], c['ci_high'])}, "
                      f"{c['n']} samples; {res}){tail}.")
     return "\n".join(lines)
 
 
-# The comparisons each ablation is about: (reference, other, what the paper found for other).
-def comparison_pairs(table: str, ablation: float = 0.5) -> list[tuple[str, str, str]]:
-    """The paper's claims of a table as (reference, other, expectation) triples (expectation: 'worse', 'similar', 'none')."""
-    a = f"{ablation:.0%}"
-    pairs = {
-        "table2": [],
-        "table3": [(f"{a} prefill only", f"{a} prefill + generation", "worse")],
-        "table4": [(f"layer-wise {a}", f"uniform {a}", "worse")],
-        "table5": [("+ dense first & last", "+ dense first", "worse"),
-                   ("+ dense first & last", "all blocks sparse", "worse"),
-                   ("+ dense first", "all blocks sparse", "worse")],
-        "table6": [("plain compensator", "no compensator", "worse"),
-                   ("plain compensator", "mask-conditioned compensator", "none")],
-        "table7": [("trained predictor", "per-block oracle", "similar"),
-                   ("trained predictor", "first-block static", "worse")],
-    }
-    if table not in pairs:
-        raise ValueError(f"unknown table {table!r}; choose one of {sorted(pairs)}")
-    return pairs[table]
-
-
 def frame(rows: Sequence[Mapping[str, Any]], extra: Sequence[str] = ()) -> Any:
     """A compact pandas view of `accuracy_rows` output: categories, average [CI], gap [CI] per model and config."""
-    import pandas as pd
+    import pandas as pd  # optional: only the notebooks' table views need it
 
     out = []
     for r in rows:
@@ -498,33 +430,8 @@ def frame(rows: Sequence[Mapping[str, Any]], extra: Sequence[str] = ()) -> Any:
 
 
 # ------------------------------------------------------------------------------ verdicts (computed text)
-def _fmt_ci(lo: float, hi: float) -> str:
+def fmt_ci(lo: float, hi: float) -> str:
     return "n/a" if math.isnan(lo) or math.isnan(hi) else f"[{lo:+.1f}, {hi:+.1f}]"
-
-
-def gap_verdict(rows: Sequence[Mapping[str, Any]], sparsity: float = 0.5, target_pct: float = 3.0) -> str:
-    """Markdown: per model, the relative gap at `sparsity` with its CI, against the target (computed from rows)."""
-    lines = []
-    dense = {r["model"]: r["average"] for r in rows if r["config"] == DENSE_LABEL}
-    for r in rows:
-        if r["config"] == DENSE_LABEL or abs(r["sparsity"] - sparsity) > 1e-9 or r.get("sparse_decode"):
-            continue
-        gap, lo, hi = r["rel_gap_pct"], r["rel_gap_ci_low"], r["rel_gap_ci_high"]
-        if math.isnan(gap):
-            lines.append(f"- **{r['model']}** at {sparsity:.0%}: the dense average is 0, no relative gap.")
-            continue
-        within = gap >= -target_pct
-        sure = "" if math.isnan(lo) else (
-            " (the whole interval is inside the target)" if lo >= -target_pct else
-            " (the interval reaches beyond the target)" if within else
-            " (the interval still reaches the target)" if hi >= -target_pct else " (the whole interval is beyond it)")
-        lines.append(
-            f"- **{r['model']}** at {sparsity:.0%} sparsity: average {r['average']:.1f} vs dense "
-            f"{dense.get(r['model'], float('nan')):.1f}; relative gap "
-            f"**{gap:+.2f} %** (95 % CI {_fmt_ci(lo, hi)}, {r['n_samples']} samples over {r['n_tasks']} tasks): "
-            + ("within" if within else "**outside**") + f" our {target_pct:.0f} % target{sure}."
-        )
-    return "\n".join(lines)
 
 
 def comparison_verdict(comp_rows: Sequence[Mapping[str, Any]]) -> str:
@@ -543,7 +450,7 @@ def comparison_verdict(comp_rows: Sequence[Mapping[str, Any]]) -> str:
         agree = c.get("agrees_with_paper")
         tail = "" if paper is None or agree is None else f" — {paper}: {'consistent' if agree else '**not** consistent'}"
         lines.append(f"- **{c['model']}**: *{c['other']}* scores {c['other_avg']:.1f} vs {c['reference_avg']:.1f} for "
-                     f"*{c['reference']}* ({d:+.2f} % relative, {word}; CI {_fmt_ci(c['ci_low'], c['ci_high'])}; "
+                     f"*{c['reference']}* ({d:+.2f} % relative, {word}; CI {fmt_ci(c['ci_low'], c['ci_high'])}; "
                      f"{res}){tail}.")
     return "\n".join(lines)
 
@@ -595,14 +502,15 @@ def fresh_seconds(*parts: "TableResult | Mapping[str, Mapping[str, Records]]") -
 
 
 def run_table(
-    table: str, components: Mapping[str, Components], suites: Mapping[str, Any], kept: Mapping[str, Sequence[str]],
-    cfg: AccuracySettings, cache: str | Path | None, seed: int = 0,
+    table: str, specs: Sequence[ConfigSpec], pairs: Sequence[tuple[str, ...]], components: Mapping[str, Components],
+    suites: Mapping[str, Any], kept: Mapping[str, Sequence[str]], cfg: AccuracySettings, cache: str | Path | None,
+    seed: int = 0,
 ) -> TableResult:
-    """Run one table's configurations for every model (on that model's kept tasks) and tabulate them."""
-    import time
+    """Run one table's configurations for every model (on that model's kept tasks) and tabulate them.
 
-    specs = table_specs(table, cfg.sparsities, cfg.ablation_sparsity)
-    pairs = comparison_pairs(table, cfg.ablation_sparsity)
+    `specs` are the table's configurations (dense first), `pairs` its (reference, other, paper
+    expectation) comparisons; the notebook modules (`nb05_accuracy`, `nb06_ablations`) define both.
+    """
     res = TableResult(table, [], [], [], [], [], {})
     for key, comps in components.items():
         tasks = list(kept[key])
@@ -623,10 +531,6 @@ def run_table(
 
 def load_selection(profile: str, cfg: AccuracySettings, name: str = "05_accuracy") -> dict[str, list[str]]:
     """Notebook 05's kept tasks per model, refusing them if 05 ran on a different suite."""
-    import json
-
-    from ffcore.results import read_json
-
     doc = read_json(name, profile)
     mine = json.loads(json.dumps(suite_description(cfg.suite)))
     if doc.get("suite") != mine:

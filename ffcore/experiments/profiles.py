@@ -3,8 +3,8 @@
 `smoke`: tiny random models and tiny data, every notebook in seconds (CI).
 `quick`: the real offline models with reduced samples.
 `full`:  the real models at the sizes of the committed results.
-Each feature module keeps its own per-profile knobs as a small `StrictConfig`; this
-module holds only what every notebook shares.
+Each notebook's experiment module (`ffcore.experiments.nbNN_*`) keeps its own per-profile knobs as
+a small `StrictConfig`; this module holds only what every notebook shares.
 """
 from __future__ import annotations
 

@@ -11,7 +11,7 @@ from typing import Protocol, Sequence, runtime_checkable
 import torch
 from torch import Tensor
 
-from ffcore.sparse_ffn import FusedFFN, dense_activations
+from ffcore.engine.sparse_ffn import FusedFFN, dense_activations
 
 
 @dataclasses.dataclass

@@ -1,0 +1,76 @@
+"""The block layout of a prefill, and the sizes a plan derives from a model's shape.
+
+One implementation of each, used by the engine, the FLOP model, the trainers and the GPU benchmark:
+
+* `block_spans(T, B)`: `[start, end)` of every `B`-token block of a `T`-token prompt, aligned to
+  the prompt's start (the last block may be partial);
+* `split_blocks(T, B, dense_first, dense_last, offset)`: those spans split into the dense ones (the
+  first block holds the attention sinks, the last one the question) and the sparse ones;
+* `experts_for(density, f)`: how many neurons a sparse block keeps, `K = round(density * f)`;
+* `predictor_rank(d)` and `compensator_rank(d)`: the bottleneck widths of the trained parts.
+
+This module imports nothing heavy (no torch), so a benchmark script on another machine can use it.
+"""
+from __future__ import annotations
+
+import math
+
+BLOCK_SIZE = 128  # tokens per prefill block (the paper's B)
+
+Span = tuple[int, int]
+
+
+def check_block_size(block_size: int) -> int:
+    """Return block_size, or raise if it is not a positive int."""
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+    return block_size
+
+
+def block_spans(T: int, block_size: int = BLOCK_SIZE) -> list[Span]:
+    """[start, end) of each block of a T-token sequence; the last block may be partial."""
+    check_block_size(block_size)
+    if T < 0:
+        raise ValueError(f"T must be >= 0, got {T}")
+    return [(s, min(s + block_size, T)) for s in range(0, T, block_size)]
+
+
+def split_blocks(
+    T: int, block_size: int = BLOCK_SIZE, dense_first: bool = True, dense_last: bool = True, offset: int = 0,
+) -> tuple[list[Span], list[Span]]:
+    """A sequence's blocks split into (dense spans, sparse spans), both in order.
+
+    `offset` > 0 means this call continues an earlier prefill (KV cache): its first block does
+    not hold the sequence's sinks, so `dense_first` does not apply to it.
+    """
+    spans = block_spans(T, block_size)
+    dense_ids = set()
+    if dense_first and offset == 0:
+        dense_ids.add(0)
+    if dense_last and spans:
+        dense_ids.add(len(spans) - 1)
+    dense = [s for i, s in enumerate(spans) if i in dense_ids]
+    sparse = [s for i, s in enumerate(spans) if i not in dense_ids]
+    return dense, sparse
+
+
+def sparse_token_count(T: int, block_size: int = BLOCK_SIZE, dense_first: bool = True, dense_last: bool = True) -> int:
+    """Number of prompt tokens that fall into sparse blocks."""
+    return sum(e - s for s, e in split_blocks(T, block_size, dense_first, dense_last)[1])
+
+
+def experts_for(density: float, f: int) -> int:
+    """Neurons a sparse block keeps at a density: K = round(density * f), at least 1 and at most f."""
+    if not 0.0 < density <= 1.0:
+        raise ValueError(f"density must lie in (0, 1] (density = 1 - sparsity), got {density!r}")
+    return max(1, min(f, round(density * f)))
+
+
+def predictor_rank(d: int) -> int:
+    """The expert predictor's bottleneck width r: the power of two at or above d/16."""
+    return 1 << max(0, math.ceil(math.log2(d / 16)))
+
+
+def compensator_rank(d: int) -> int:
+    """The error compensator's bottleneck width d/8 (at least 1)."""
+    return max(1, d // 8)
