@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ffcore.config import StrictConfig
-from ffcore.engine import EngineOptions, SparsityPlan, experts_for, sparsify, split_blocks
+from ffcore.engine import BLOCK_SIZE, EngineOptions, SparsityPlan, experts_for, sparsify, split_blocks
 from ffcore.engine.sparse_ffn import block_sparse_ffn, fused_ffn
 from ffcore.flops import ffn_ideal_speedup
 from ffcore.models import gated_mlps, load_model
@@ -36,7 +36,7 @@ class FFNBenchConfig(StrictConfig):
     densities: Sequence[float] = (0.5, 0.6, 0.7)
     repeats: int = 7
     warmup: int = 2
-    block_size: int = 128
+    block_size: int = BLOCK_SIZE
     dense_first: bool = True
     dense_last: bool = True
     seed: int = 0

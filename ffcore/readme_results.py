@@ -65,9 +65,9 @@ def selection_table(rows: Sequence[Row]) -> str:
 def _paper(r: Row) -> str:
     """What the paper found for a comparison, and whether our result agrees ('-' when it made no claim)."""
     expect, agree = r.get("paper_expects", "none"), r.get("agrees_with_paper")
-    if expect in (None, "none") or agree is None:
+    if expect in (None, "none"):
         return "-"
-    return f"{expect} ({'consistent' if agree else 'not consistent'})"
+    return f"{expect} ({'not resolved' if agree is None else 'consistent' if agree else 'not consistent'})"
 
 
 def _pair_table(rows: Sequence[Row], values: str, change: str, digits: tuple[int, int], header: Sequence[str]) -> str:

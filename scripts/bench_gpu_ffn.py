@@ -36,6 +36,9 @@ import torch
 import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # the repository's ffcore (the engine's block layout), also without an install
+
+from ffcore.engine.layout import BLOCK_SIZE, experts_for, sparse_token_count  # noqa: E402
 
 # name -> (d, f): FFN shapes of the paper's models.
 MODELS = {
@@ -45,7 +48,7 @@ MODELS = {
 }
 TOKENS = (1024, 2048, 4096, 8192, 16384)
 DENSITIES = (0.5, 0.6, 0.7)
-BLOCK = 128
+BLOCK = BLOCK_SIZE
 # Tiny CPU problem for --dry-run-cpu: exercises every code path, measures nothing meaningful.
 DRY_MODELS = {"tiny": (64, 256)}
 DRY_TOKENS = (384, 520)
@@ -54,20 +57,10 @@ DRY_BLOCK = 64
 
 
 # ----------------------------------------------------------------------------- FLOP model
-def experts_for(f: int, density: float) -> int:
-    """K = round(density * f), at least 1 and at most f."""
-    if not 0.0 < density <= 1.0:
-        raise ValueError(f"density must be in (0, 1], got {density}")
-    return min(f, max(1, int(round(density * f))))
-
-
 def dense_sparse_rows(T: int, block_size: int, dense_first: bool = True, dense_last: bool = True) -> tuple[int, int]:
-    """(rows computed densely, rows computed sparsely) of a T-token prompt in blocks of block_size."""
-    n_blocks = -(-T // block_size)
-    spans = [(s, min(s + block_size, T)) for s in range(0, T, block_size)]
-    dense_ids = ({0} if dense_first else set()) | ({n_blocks - 1} if dense_last else set())
-    dense = sum(e - s for i, (s, e) in enumerate(spans) if i in dense_ids)
-    return dense, T - dense
+    """(rows computed densely, rows computed sparsely) of a T-token prompt, by the engine's own block layout."""
+    n_sparse = sparse_token_count(T, block_size, dense_first, dense_last)
+    return T - n_sparse, n_sparse
 
 
 def ffn_flops(rows: int, d: int, n_neurons: int) -> int:
@@ -78,7 +71,7 @@ def ffn_flops(rows: int, d: int, n_neurons: int) -> int:
 def flop_ideal_speedup(T: int, d: int, f: int, density: float, block_size: int = BLOCK,
                        dense_first: bool = True, dense_last: bool = True) -> float:
     """Dense FFN FLOPs / block-sparse FFN FLOPs (first/last block dense), the speedup ceiling."""
-    K = experts_for(f, density)
+    K = experts_for(density, f)
     n_dense, n_sparse = dense_sparse_rows(T, block_size, dense_first, dense_last)
     return ffn_flops(T, d, f) / (ffn_flops(n_dense, d, f) + ffn_flops(n_sparse, d, K))
 
@@ -91,7 +84,7 @@ class Problem:
                  dtype: torch.dtype, seed: int = 0) -> None:
         g = torch.Generator(device=device).manual_seed(seed)
         self.T, self.d, self.f, self.B = T, d, f, block_size
-        self.K = experts_for(f, density)
+        self.K = experts_for(density, f)
         r = lambda *shape: torch.randn(*shape, generator=g, device=device, dtype=dtype)  # noqa: E731
         self.x = r(T, d)
         self.w_gate = r(f, d) / d**0.5

@@ -13,6 +13,7 @@ from ffcore.engine import sparsify
 from ffcore.models import gated_mlps, load_model
 from ffcore.engine.plan import SparsityPlan
 from ffcore.engine.policies import griffin_scores, topk_sorted
+from ffcore.engine.layout import experts_for
 from ffcore.engine.sparse_ffn import dense_activations, dense_rows_forward, fused_ffn, sparse_block_forward
 
 ATOL, RTOL = 1e-5, 1e-5  # fp32 reference comparisons
@@ -227,9 +228,35 @@ def test_engine_with_compensator_changes_logits_and_decodes():
         with sparsify(model, plan):
             out = model(ids, use_cache=True)
             step = model(ids[:, -1:], past_key_values=out.past_key_values, use_cache=True).logits
-    assert torch.isfinite(out.logits).all() and torch.isfinite(step).all()
     assert not torch.allclose(out.logits, base)
     torch.testing.assert_close(out.logits[:, :128], base[:, :128])  # the dense first block is untouched
+    # the decode step: each layer's masked dense MLP (the token's own top-k) plus the compensator's correction
+    with torch.no_grad(), sparsify(model, SparsityPlan(densities=0.5, policy="oracle", compensator=comp)):
+        cache = model(ids, use_cache=True).past_key_values
+    mlps = gated_mlps(model)
+    saved = [m.forward for m in mlps]
+
+    def corrected(layer, mlp):
+        fused = fused_ffn(mlp)
+        k = experts_for(0.5, fused.f)
+
+        def forward(x):  # x [1, 1, d]
+            h = dense_activations(x[0], fused)  # [1, f]
+            idx = topk_sorted(griffin_scores(h), k)  # [k]
+            mask = torch.zeros_like(h)
+            mask[:, idx] = 1.0
+            return ((h * mask) @ fused.w_down_t + comp(layer, x[0], idx))[None]
+        return forward
+
+    for i, m in enumerate(mlps):
+        m.forward = corrected(i, m)
+    try:
+        with torch.no_grad():
+            ref = model(ids[:, -1:], past_key_values=cache, use_cache=True).logits
+    finally:
+        for m, f in zip(mlps, saved):
+            m.forward = f
+    torch.testing.assert_close(step, ref, atol=1e-5, rtol=1e-5)
 
 
 # ------------------------------------------------------------------ distillation data, training, metrics

@@ -1,6 +1,7 @@
 """The block-sparse FFN engine against dense and masked-dense references on tiny models."""
 from __future__ import annotations
 
+import copy
 import inspect
 
 import pytest
@@ -9,7 +10,7 @@ import torch
 from ffcore.bench import random_experts, synthetic_mlp
 from ffcore.engine import EngineOptions, SparseMLP, sparsify
 from ffcore.engine import sparse_ffn as sf
-from ffcore.engine.layout import block_spans, split_blocks
+from ffcore.engine.layout import block_spans, experts_for, split_blocks
 from ffcore.engine.plan import SparsityPlan
 from ffcore.engine.policies import OraclePolicy, SelectContext, SelectionPolicy, griffin_scores, make_policy, topk_sorted
 from ffcore.engine.sparse_ffn import block_sparse_ffn, dense_activations, fused_ffn
@@ -75,6 +76,21 @@ def test_oracle_equals_masked_dense(model, density):
     ref = _masked_dense_reference(mlp, x[0], sparse, k, dense)
     with sparsify(model, plan):
         out = layers[1].mlp(x)[0]
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("block_size", [64, 128])
+def test_sparse_partial_last_block_equals_masked_dense(model, block_size):
+    """With the last block sparse, its partial span (T % block_size tokens) keeps its own top-k like any block."""
+    mlp = gated_mlps(model)[2]
+    x = torch.randn(1, T, model.config.hidden_size, generator=torch.Generator().manual_seed(4))
+    plan = SparsityPlan(densities=0.5, policy="oracle", block_size=block_size, dense_last=False)
+    dense, sparse = split_blocks(T, block_size, True, False)
+    assert sparse[-1][1] - sparse[-1][0] == T % block_size  # the partial block is among the sparse ones
+    ref = _masked_dense_reference(mlp, x[0], sparse, experts_for(0.5, mlp.intermediate_size), dense)
+    with sparsify(model, plan):
+        out = decoder_layers(model)[2].mlp(x)[0]
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
 
 
@@ -150,22 +166,70 @@ def test_decode_after_sparse_prefill_uses_kv_cache(model, sparse_decode, cache_k
     with sparsify(model, plan) as st:
         out = model(ids, use_cache=True)
         nxt = out.logits[:, -1:].argmax(-1)
+        ref_cache = copy.deepcopy(out.past_key_values)
         before = dict(st.stats)
         step = model(nxt, **{cache_kwarg: out.past_key_values}, use_cache=True)  # token 260: block 2, not dense block 0
         grew = {k: st.stats[k] - before[k] for k in before}
     L = model.config.num_hidden_layers
     assert step.logits.shape == (1, 1, model.config.vocab_size)
     assert grew == ({"dense_tokens": 0, "sparse_tokens": L} if sparse_decode else {"dense_tokens": L, "sparse_tokens": 0})
-    # decode with a dense plan continues exactly like the dense model from the same (sparse) cache
-    assert torch.isfinite(step.logits).all()
+    if not sparse_decode:  # a dense decode step continues exactly like the dense model from the same (sparse) cache
+        dense_step = model(nxt, past_key_values=ref_cache, use_cache=True)
+        torch.testing.assert_close(step.logits, dense_step.logits, atol=1e-5, rtol=1e-5)
+
+
+def _masked_decode_mlp(mlp, k):
+    """The dense MLP of one decode token with all but its own top-k oracle neurons zeroed (the masked reference)."""
+    fused = fused_ffn(mlp)
+
+    def forward(x):  # x [1, 1, d]
+        h = dense_activations(x[0], fused)  # [1, f]
+        mask = torch.zeros_like(h)
+        mask[:, topk_sorted(griffin_scores(h), k)] = 1.0
+        return ((h * mask) @ fused.w_down_t)[None]  # [1, 1, d]
+
+    return forward
 
 
 @torch.no_grad()
-def test_generate_runs(model):
+@pytest.mark.parametrize("density", [1.0, 0.5])
+def test_sparse_decode_step_equals_references(model, density):
+    """Sparse decode at density 1 is the dense model; at density d it is the masked dense MLP of the token."""
+    ids = _ids(200, seed=2)
+    plan = SparsityPlan(densities=density, policy="oracle", sparse_decode=True)
+    with sparsify(model, plan):
+        out = model(ids, use_cache=True)
+        nxt = out.logits[:, -1:].argmax(-1)
+        ref_cache = copy.deepcopy(out.past_key_values)
+        step = model(nxt, past_key_values=out.past_key_values, use_cache=True).logits
+    mlps = gated_mlps(model)
+    saved = [m.forward for m in mlps]
+    if density < 1.0:
+        for m in mlps:
+            m.forward = _masked_decode_mlp(m, experts_for(density, fused_ffn(m).f))
+    try:
+        ref = model(nxt, past_key_values=ref_cache, use_cache=True).logits
+    finally:
+        for m, f in zip(mlps, saved):
+            m.forward = f
+    torch.testing.assert_close(step, ref, atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_generate_under_sparsify_equals_a_sparse_prefill_and_dense_greedy_decode(model):
     ids = _ids(200)
-    with sparsify(model, SparsityPlan(densities=0.5, policy="oracle")):
+    plan = SparsityPlan(densities=0.5, policy="oracle")
+    with sparsify(model, plan):
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False)
+        first = model(ids, use_cache=True)
     assert out.shape == (1, 204)
+    tokens, cache, logits = [], first.past_key_values, first.logits[:, -1]
+    for _ in range(4):  # decode steps run dense (plan.sparse_decode is False)
+        tok = logits.argmax(-1, keepdim=True)
+        tokens.append(int(tok))
+        step = model(tok, past_key_values=cache, use_cache=True)
+        cache, logits = step.past_key_values, step.logits[:, -1]
+    assert out[0, 200:].tolist() == tokens
 
 
 def test_bad_input(model):
@@ -246,3 +310,39 @@ def test_block_parallel_cpu_path_matches_sequential(threads):
         torch.set_num_threads(before)
     torch.testing.assert_close(par, seq, rtol=1e-5, atol=1e-6)
     assert sf.block_workers(x.requires_grad_(), len(sparse)) == 1  # autograd stays sequential
+
+
+def test_activation_names_match_the_functions_they_compute():
+    """Every transformers activation maps to the Triton activation that computes the same function, or 'other'."""
+    import transformers.activations as A
+
+    x = torch.linspace(-12, 12, 4001)  # wide enough to reach the clipped GELU's bounds (+-10)
+    reference = {"silu": torch.nn.functional.silu(x), "gelu": torch.nn.functional.gelu(x),
+                 "gelu_tanh": torch.nn.functional.gelu(x, approximate="tanh")}
+    for key, cls in A.ACT2CLS.items():
+        if key == "xielu":  # needs an optional CUDA extension to build
+            continue
+        act = cls[0](**cls[1]) if isinstance(cls, tuple) else cls()
+        name = sf.act_name(act)
+        if name == "other":  # then no known function may match: the mapping would have missed it
+            assert all((act(x) - ref).abs().max() > 1e-4 for ref in reference.values()), key
+        else:
+            torch.testing.assert_close(act(x), reference[name], atol=1e-5, rtol=0, msg=key)
+    for mod, want in ((torch.nn.GELU(), "gelu"), (torch.nn.GELU(approximate="tanh"), "gelu_tanh"),
+                      (torch.nn.SiLU(), "silu"), (torch.nn.ReLU(), "other")):
+        assert sf.act_name(mod) == want
+
+
+def test_unknown_activation_runs_on_torch_and_is_refused_by_triton():
+    model = tiny_model("llama", seed=0, num_hidden_layers=1)
+    mlp = gated_mlps(model)[0]
+    mlp.act_fn = torch.nn.Mish()
+    sf.clear_cache()
+    ids = _ids(200)
+    with torch.no_grad(), sparsify(model, SparsityPlan(densities=1.0, policy="oracle")):
+        ref = model(ids).logits
+    with torch.no_grad(), sparsify(model, SparsityPlan(densities=0.5, policy="oracle")):
+        assert torch.isfinite(model(ids).logits).all()  # the torch path applies the module itself
+    with pytest.raises(ValueError, match="activations without FFN biases"):
+        sf.resolve_backend("triton", torch.zeros(1), fused_ffn(mlp))
+    assert ref.shape[1] == 200

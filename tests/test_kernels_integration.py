@@ -76,15 +76,15 @@ def test_kernels_on_engine_layout_match_engine(act_mod):
 
 # ----------------------------------------------------------------------------- bench script
 def test_experts_and_rows():
-    assert bench.experts_for(8192, 0.5) == 4096
-    assert bench.experts_for(8192, 0.6) == 4915
-    assert bench.experts_for(14336, 0.7) == 10035
+    assert bench.experts_for(0.5, 8192) == 4096
+    assert bench.experts_for(0.6, 8192) == 4915
+    assert bench.experts_for(0.7, 14336) == 10035
     assert bench.dense_sparse_rows(1024, 128) == (256, 768)
     assert bench.dense_sparse_rows(300, 128) == (128 + 44, 128)
     assert bench.dense_sparse_rows(200, 128) == (200, 0)
     assert bench.dense_sparse_rows(1024, 128, dense_first=False, dense_last=False) == (0, 1024)
     with pytest.raises(ValueError):
-        bench.experts_for(100, 0.0)
+        bench.experts_for(0.0, 100)
 
 
 def test_flop_ideal_speedup():

@@ -48,7 +48,7 @@ def results(tmp_path: Path) -> Path:
     _write(folder, "06_comparisons", [{"model": "gemma3-270m", "reference": "layer-wise 50%", "other": "uniform 50%",
                                        "reference_avg": 58.91, "other_avg": 57.2, "rel_change_pct": -2.9,
                                        "ci_low": -6.1, "ci_high": 0.4, "resolved": False,
-                                       "paper_expects": "worse", "agrees_with_paper": True}])
+                                       "paper_expects": "worse", "agrees_with_paper": None}])
     return folder
 
 
@@ -60,7 +60,7 @@ def test_render_copies_numbers_from_files(results: Path):
     text = RR.render(results)
     assert "58.9 [54.7, 62.7]" in text and "-4.01 [-7.5, -1.1]" in text and "0 (reference)" in text
     assert "87.5 [62.5, 100.0]" in text and "no (near chance)" in text
-    assert "uniform 50% vs layer-wise 50%" in text and "| no | worse (consistent) |" in text
+    assert "uniform 50% vs layer-wise 50%" in text and "| no | worse (not resolved) |" in text
     assert "profile `full`, commit `abc1234`" in text
     # missing tables are listed, not filled in
     assert "Not generated yet" in text and "`06_table4` (notebook `06_ablations`)" in text

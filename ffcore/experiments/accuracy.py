@@ -330,12 +330,25 @@ def continuation_rows(table: str, model_key: str, results: Mapping[str, Records]
 EXPECTATIONS = ("worse", "similar", "none")
 
 
-def _agrees(expect: str, change: float, resolved: bool) -> bool | None:
+def agrees_with_paper(expect: str, worse: bool, resolved: bool) -> bool | None:
+    """Whether a paired comparison agrees with the paper's finding for `other`, or None when it cannot say.
+
+    'worse' is consistent only when the interval excludes zero on the worse side, inconsistent when it
+    excludes zero on the better side, and not resolved (None) when it includes zero: a point estimate
+    with the paper's sign is not evidence. 'similar' is consistent when the interval includes zero.
+    """
     if expect == "worse":
-        return bool(change < 0)
+        return bool(worse) if resolved else None
     if expect == "similar":
         return not resolved
     return None
+
+
+def paper_verdict(expect: str, agree: bool | None) -> str:
+    """'consistent', '**not** consistent' or 'not resolved' against what the paper found ('' without a claim)."""
+    if expect not in ("worse", "similar"):
+        return ""
+    return "not resolved" if agree is None else "consistent" if agree else "**not** consistent"
 
 
 def comparisons(
@@ -345,7 +358,7 @@ def comparisons(
     """For each (reference, other[, paper expectation]) pair: other's average relative to reference's, paired CI.
 
     The expectation ('worse', 'similar' or 'none': what the paper found for `other`) gives
-    `agrees_with_paper`: the point estimate's sign for 'worse', an unresolved difference for 'similar'.
+    `agrees_with_paper` (see `agrees_with_paper`: None where the interval cannot tell).
     """
     out = []
     for pair in pairs:
@@ -360,7 +373,7 @@ def comparisons(
                     "reference_avg": _round(100 * g["dense_avg"], 3), "other_avg": _round(100 * g["sparse_avg"], 3),
                     "rel_change_pct": _round(change, 3), "ci_low": _round(lo, 3), "ci_high": _round(hi, 3),
                     "resolved": resolved, "paper_expects": expect,
-                    "agrees_with_paper": None if math.isnan(change) else _agrees(expect, change, resolved)})
+                    "agrees_with_paper": None if math.isnan(change) else agrees_with_paper(expect, change < 0, resolved)})
     return out
 
 
@@ -382,11 +395,7 @@ def kl_comparisons(
         c = paired_metric_change(results[ref], results[other], "kl", "continuation", n_boot, level, seed)
         lo, hi = c["ci"]
         change, resolved = c["rel_change_pct"], bool(lo > 0 or hi < 0)
-        agree = None
-        if expect == "worse" and not math.isnan(change):
-            agree = bool(change > 0)
-        elif expect == "similar":
-            agree = not resolved
+        agree = None if math.isnan(change) else agrees_with_paper(expect, change > 0, resolved)  # worse = more KL
         out.append({"table": table, "model": model_key, "reference": ref, "other": other, "n": c["n"],
                     "reference_kl": _round(c["reference_mean"]), "other_kl": _round(c["other_mean"]),
                     "kl_change_pct": _round(change, 3), "ci_low": _round(lo, 3), "ci_high": _round(hi, 3),
@@ -402,8 +411,7 @@ def kl_verdict(rows: Sequence[Mapping[str, Any]]) -> str:
         word = "closer to dense" if d < 0 else "further from dense" if d > 0 else "equal"
         res = "paired 95 % CI excludes 0" if c["resolved"] else "paired 95 % CI includes 0: not resolved"
         paper = {"worse": "the paper found it worse", "similar": "the paper found them similar"}.get(c["paper_expects"])
-        agree = c["agrees_with_paper"]
-        tail = "" if paper is None or agree is None else f" — {paper}: {'consistent' if agree else '**not** consistent'}"
+        tail = "" if paper is None else f" — {paper}: {paper_verdict(c['paper_expects'], c['agrees_with_paper'])}"
         lines.append(f"- **{c['model']}**: *{c['other']}* KL {c['other_kl']:.4f} vs {c['reference_kl']:.4f} for "
                      f"*{c['reference']}* ({d:+.1f} %, {word}; CI {fmt_ci(c['ci_low'], c['ci_high'])}, "
                      f"{c['n']} samples; {res}){tail}.")
@@ -447,8 +455,7 @@ def comparison_verdict(comp_rows: Sequence[Mapping[str, Any]]) -> str:
                "the paired 95 % CI includes 0: not resolved at this sample size")
         paper = {"worse": "the paper found it worse", "similar": "the paper found them similar"}.get(
             c.get("paper_expects", "none"))
-        agree = c.get("agrees_with_paper")
-        tail = "" if paper is None or agree is None else f" — {paper}: {'consistent' if agree else '**not** consistent'}"
+        tail = "" if paper is None else f" — {paper}: {paper_verdict(c.get('paper_expects', 'none'), c.get('agrees_with_paper'))}"
         lines.append(f"- **{c['model']}**: *{c['other']}* scores {c['other_avg']:.1f} vs {c['reference_avg']:.1f} for "
                      f"*{c['reference']}* ({d:+.2f} % relative, {word}; CI {fmt_ci(c['ci_low'], c['ci_high'])}; "
                      f"{res}){tail}.")

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from ffcore.config import StrictConfig
 from ffcore.data import token_samples
 from ffcore.decoding import FULL, PrefillMethod, greedy_decode, teacher_forced, token_nll
-from ffcore.engine import SparsityPlan, sparsify
+from ffcore.engine import BLOCK_SIZE, SparsityPlan, sparsify
 from ffcore.evaluation.prefill import SpecPrefillMethod, ranges_to_positions
 from ffcore.evaluation.runner import RunConfig, evaluate
 from ffcore.evaluation.scoring import summarize as summarize_scores
@@ -87,7 +87,7 @@ class SpecPrefillRunConfig(StrictConfig):
     passkey_len: int
     lookahead: int = 8
     max_gap: float = 0.05  # "best point" = highest FLOP speedup within this relative NLL gap
-    block_size: int = 128
+    block_size: int = BLOCK_SIZE
     suite_keep_rates: list[float] = dataclasses.field(default_factory=list)
     suite_same_model_keep_rates: list[float] = dataclasses.field(default_factory=list)
     suite_no_last_keep_rates: list[float] = dataclasses.field(default_factory=list)
