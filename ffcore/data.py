@@ -1,12 +1,18 @@
 """Offline corpora through `datasets`, deterministic disjoint splits, fixed-length token samples.
 
-Two real corpora exist on every machine: English prose (`pydoc_data.topics`, the Python
-language reference and library topics) and real code (the standard library's `.py`
-files). Every document is assigned to exactly one split (calibration / train / eval) by a
-hash of its id, so splits are disjoint, stable, and independent of corpus order.
+A *domain* is one source of documents. Two exist on every machine: `prose` (`pydoc_data.topics`,
+the Python language reference and library topics) and `code` (the standard library's `.py` files).
+Sixteen more come from registry packages (`ffcore.corpus`: scripture, fiction, quotations,
+dictionaries, licences, man pages, manuals, and C, Go, Rust, Perl, shell, JavaScript and Python
+code), installed by `scripts/setup_corpus.sh`. Domains are grouped into *families* of related text
+(`FAMILIES`) so that a held-out family is really new text, not a sibling of a training domain.
+
+Every document is assigned to exactly one split (calibration / train / eval) by a hash of its id,
+so splits are disjoint, stable, and independent of corpus order.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import sysconfig
 from pathlib import Path
@@ -14,9 +20,47 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
+from ffcore import corpus as external
+
 SPLITS = ("calibration", "train", "eval")
 SPLIT_FRACTIONS = {"calibration": 0.2, "train": 0.5, "eval": 0.3}
-SOURCES = ("prose", "code")
+SOURCES = ("prose", "code")  # the two built-in domains (every machine has them)
+DOMAINS = SOURCES + tuple(external.DOMAINS)  # every domain, built-in first
+# Families of related domains: leave-one-family-out holds out all of a family's domains at once.
+FAMILIES: dict[str, tuple[str, ...]] = {
+    "scripture": ("kjv",),
+    "fiction": ("austen",),
+    "quotations": ("fortunes",),
+    "dictionaries": ("gcide", "lexicon", "foldoc"),
+    "legal": ("legal",),
+    "manuals": ("prose", "manpages", "guides"),
+    "c": ("c",),
+    "go-rust": ("go", "rust"),
+    "scripting": ("perl", "shell", "javascript"),
+    "python": ("code", "python"),
+}
+FAMILY_OF = {d: f for f, ds in FAMILIES.items() for d in ds}
+
+
+def family_of(domain: str) -> str:
+    """The family a domain belongs to."""
+    if domain not in FAMILY_OF:
+        raise ValueError(f"unknown domain {domain!r}; choose one of {DOMAINS}")
+    return FAMILY_OF[domain]
+
+
+def available_domains() -> tuple[str, ...]:
+    """The domains whose documents exist on this machine (the built-in two, plus installed corpus domains)."""
+    return SOURCES + tuple(d for d in external.available_domains() if d in external.DOMAINS)
+
+
+def domains_of(families: Sequence[str], available_only: bool = True) -> tuple[str, ...]:
+    """The domains of some families (those installed here, unless `available_only` is False)."""
+    unknown = sorted(set(families) - set(FAMILIES))
+    if unknown:
+        raise ValueError(f"unknown famil{'y' if len(unknown) == 1 else 'ies'} {unknown}; choose from {sorted(FAMILIES)}")
+    have = set(available_domains()) if available_only else set(DOMAINS)
+    return tuple(d for f in families for d in FAMILIES[f] if d in have)
 _EXCLUDED_CODE_DIRS = {"test", "tests", "idlelib", "site-packages", "lib2to3", "__pycache__", "turtledemo"}
 
 
@@ -54,23 +98,36 @@ def _code_records() -> Iterator[dict[str, str]]:
             yield {"doc_id": f"code:{rel.as_posix()}", "source": "code", "text": text}
 
 
+def _external_records(domain: str) -> Iterator[dict[str, str]]:
+    for doc in external.documents(domain):
+        yield {"doc_id": doc["doc_id"], "source": domain, "text": doc["text"]}
+
+
+@functools.lru_cache(maxsize=32)
 def corpus(source: str) -> Any:
-    """A `datasets.Dataset` of documents (`doc_id`, `source`, `text`, `split`) for 'prose' or 'code'."""
+    """A `datasets.Dataset` of one domain's documents (`doc_id`, `source`, `text`, `split`); cached per process.
+
+    `source` is a domain name (`DOMAINS`); a corpus domain that is not installed raises
+    `ffcore.corpus.CorpusMissing` with the setup command.
+    """
     from datasets import Dataset
 
     gens = {"prose": _prose_records, "code": _code_records}
-    if source not in gens:
-        raise ValueError(f"unknown source {source!r}; choose one of {SOURCES}")
-    rows = [dict(r, split=split_of(r["doc_id"])) for r in gens[source]()]
+    if source not in DOMAINS:
+        raise ValueError(f"unknown source {source!r}; choose one of {DOMAINS}")
+    records = gens[source]() if source in gens else _external_records(source)
+    rows = [dict(r, split=split_of(r["doc_id"])) for r in records]
     return Dataset.from_list(rows)
 
 
+@functools.lru_cache(maxsize=96)
 def documents(source: str, split: str) -> Any:
-    """The documents of one source that belong to one split."""
+    """The documents of one domain that belong to one split (cached per process)."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; choose one of {SPLITS}")
     ds = corpus(source)
-    return ds.filter(lambda r: r["split"] == split)
+    keep = [i for i, s in enumerate(ds["split"]) if s == split]
+    return ds.select(keep)
 
 
 def token_samples(

@@ -35,11 +35,12 @@ import dataclasses
 import math
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from ffcore import flops
 from ffcore.artifacts import read_artifact, save_artifact
@@ -121,12 +122,23 @@ def pool_and_score(
     return mlp_scores(attention_pool(X, q), w1, w2, b1, b2)
 
 
+def first_block_prior(first_scores: Tensor, eps: float = 1e-6) -> Tensor:
+    """The predictor's view of the prompt's own first block: centred log GRIFFIN scores, [..., f] -> [..., f]."""
+    z = first_scores.float().clamp_min(eps).log()
+    return z - z.mean(-1, keepdim=True)
+
+
 class ExpertPredictor(nn.Module):
-    """Per-layer expert predictors, stacked over layers; also a `SelectionPolicy` (name 'predictor')."""
+    """Per-layer expert predictors, stacked over layers; also a `SelectionPolicy` (name 'predictor').
+
+    With `prior=True` (beyond the paper) the scores also read the prompt's own first block, which
+    runs dense anyway so its oracle (GRIFFIN) scores are free: `s = ReLU(a W1) W2 + g * z (+ b2)`,
+    `z = first_block_prior(first-block scores)`, `g` a learned per-neuron gain [L, f].
+    """
 
     name = "predictor"
 
-    def __init__(self, L: int, d: int, f: int, r: int | None = None, bias: bool = False,
+    def __init__(self, L: int, d: int, f: int, r: int | None = None, bias: bool = False, prior: bool = False,
                  meta: dict[str, Any] | None = None) -> None:
         super().__init__()
         r = predictor_rank(d) if r is None else r
@@ -136,58 +148,96 @@ class ExpertPredictor(nn.Module):
         self.w2 = nn.Parameter(torch.randn(L, r, f) * math.sqrt(2.0 / r))
         self.b1 = nn.Parameter(torch.zeros(L, r)) if bias else None
         self.b2 = nn.Parameter(torch.zeros(L, f)) if bias else None
+        self.pg = nn.Parameter(torch.zeros(L, f)) if prior else None  # gain on the first block's log scores
         self.meta: dict[str, Any] = dict(meta or {})
+        if prior:
+            self.name = "predictor+first-block"
 
     @property
     def bias(self) -> bool:
         """Whether the predictor has biases."""
         return self.b1 is not None
 
-    def forward(self, X: Tensor) -> Tensor:
-        """Scores of every layer: X [n, L, N, d] -> s [n, L, f]."""
-        p = next(self.parameters())
-        return pool_and_score(X.to(p.dtype), self.q, self.w1, self.w2, self.b1, self.b2)
+    @property
+    def prior(self) -> bool:
+        """Whether the predictor reads the prompt's first-block scores."""
+        return self.pg is not None
 
-    def layer_scores(self, layer: int, xb: Tensor) -> Tensor:
-        """Scores of one layer for equal-length spans: xb [nb, n, d] -> s [nb, f]."""
+    @property
+    def needs_first_block(self) -> bool:
+        """The engine hands `SelectContext.first_scores` to policies that say so."""
+        return self.prior
+
+    def _prior(self, layers: slice | int, z: Tensor | None) -> Tensor | float:
+        if self.pg is None:
+            return 0.0
+        if z is None:
+            raise ValueError("this predictor reads the first block's scores (prior=True): pass them")
+        return self.pg[layers] * z.to(self.pg)
+
+    def forward(self, X: Tensor, Z: Tensor | None = None) -> Tensor:
+        """Scores of every layer: X [n, L, N, d] (every token of each block), Z [n, L, f] (prior) -> s [n, L, f]."""
+        p = self.q
+        s = pool_and_score(X.to(p.dtype), self.q, self.w1, self.w2, self.b1, self.b2)
+        return s + self._prior(slice(None), Z)
+
+    def pooled_scores(self, A: Tensor, Z: Tensor | None = None) -> Tensor:
+        """Scores from mean-pooled inputs A [n, L, d] (exact when q = 0, the default training), Z [n, L, f] -> [n, L, f]."""
+        return mlp_scores(A.to(self.q.dtype), self.w1, self.w2, self.b1, self.b2) + self._prior(slice(None), Z)
+
+    def layer_scores(self, layer: int, xb: Tensor, z: Tensor | None = None) -> Tensor:
+        """Scores of one layer for equal-length spans: xb [nb, n, d], z [f] or [nb, f] -> s [nb, f]."""
         p = self.q
         xb = xb.to(device=p.device, dtype=p.dtype)
         att = (xb @ self.q[layer]) / math.sqrt(self.d)  # [nb, n]
         a = torch.einsum("bn,bnd->bd", att.softmax(dim=-1), xb)  # [nb, d]
+        return self._span_mlp(layer, a, z)
+
+    def _span_mlp(self, layer: int, a: Tensor, z: Tensor | None) -> Tensor:
         hid = a @ self.w1[layer]  # [nb, r]
         if self.b1 is not None:
             hid = hid + self.b1[layer]
         s = hid.relu() @ self.w2[layer]  # [nb, f]
-        return s if self.b2 is None else s + self.b2[layer]
+        s = s if self.b2 is None else s + self.b2[layer]
+        return s + self._prior(layer, z)
+
+    def span_scores(self, layer: int, x: Tensor, spans: Sequence[tuple[int, int]], z: Tensor | None = None) -> Tensor:
+        """Scores of every span of x [T, d] at once (spans of any lengths, one pass): [n_spans, f]."""
+        p = self.q
+        lengths = torch.tensor([e - s for s, e in spans], device=x.device)
+        rows = torch.cat([torch.arange(s, e, device=x.device) for s, e in spans])  # [N] token rows of the spans
+        xr = x.index_select(0, rows).to(device=p.device, dtype=p.dtype)  # [N, d]
+        span_id = torch.repeat_interleave(torch.arange(len(spans), device=p.device), lengths.to(p.device))  # [N]
+        logit = (xr @ self.q[layer]) / math.sqrt(self.d)  # [N]
+        top = logit.new_full((len(spans),), float("-inf")).scatter_reduce(0, span_id, logit, "amax")  # [n_spans]
+        e = (logit - top[span_id]).exp()  # softmax within each span
+        w = e / torch.zeros(len(spans), dtype=e.dtype, device=e.device).index_add_(0, span_id, e)[span_id]
+        a = torch.zeros(len(spans), self.d, dtype=xr.dtype, device=xr.device).index_add_(0, span_id, w[:, None] * xr)
+        return self._span_mlp(layer, a, z)  # a [n_spans, d] -> [n_spans, f]
 
     @torch.no_grad()
     def select(self, ctx: SelectContext) -> Tensor:
-        """Top-K predicted experts of every sparse span of ctx.x (any span length): [n_spans, K]."""
-        by_len: dict[int, list[int]] = {}
-        for j, (s, e) in enumerate(ctx.spans):
-            by_len.setdefault(e - s, []).append(j)
-        out = torch.empty(len(ctx.spans), ctx.k, dtype=torch.long, device=ctx.x.device)
-        for n, js in by_len.items():
-            xb = torch.stack([ctx.x[ctx.spans[j][0] : ctx.spans[j][0] + n] for j in js])  # [nb, n, d]
-            s = self.layer_scores(ctx.layer, xb)  # [nb, f]
-            out[js] = topk_sorted(s, ctx.k).to(ctx.x.device)
-        return out
+        """Top-K predicted experts of every sparse span of ctx.x (any span lengths, one batched pass): [n_spans, K]."""
+        z = first_block_prior(ctx.first_scores) if self.prior else None
+        s = self.span_scores(ctx.layer, ctx.x, ctx.spans, z)  # [n_spans, f]
+        return topk_sorted(s, ctx.k).to(ctx.x.device)
 
     def __repr__(self) -> str:
-        return f"ExpertPredictor(L={self.L}, d={self.d}, f={self.f}, r={self.r}, bias={self.bias})"
+        return (f"ExpertPredictor(L={self.L}, d={self.d}, f={self.f}, r={self.r}, bias={self.bias}, "
+                f"prior={self.prior})")
 
 
 # ------------------------------------------------------------------------------ artifacts
-def save_predictor(pred: ExpertPredictor, folder: Path) -> Path:
-    """Write `predictor.safetensors` (all layers) and `predictor.json` (metadata) into `folder`."""
-    meta = {**pred.meta, "L": pred.L, "d": pred.d, "f": pred.f, "r": pred.r, "bias": pred.bias}
-    return save_artifact(pred, folder, ARTIFACT_STEM, meta)
+def save_predictor(pred: ExpertPredictor, folder: Path, stem: str = ARTIFACT_STEM) -> Path:
+    """Write `<stem>.safetensors` (all layers) and `<stem>.json` (metadata) into `folder`."""
+    meta = {**pred.meta, "L": pred.L, "d": pred.d, "f": pred.f, "r": pred.r, "bias": pred.bias, "prior": pred.prior}
+    return save_artifact(pred, folder, stem, meta)
 
 
-def load_predictor(folder: Path, model: nn.Module | None = None) -> ExpertPredictor:
+def load_predictor(folder: Path, model: nn.Module | None = None, stem: str = ARTIFACT_STEM) -> ExpertPredictor:
     """Load a saved predictor; with `model`, refuse one trained for a different model (fingerprint/shape)."""
-    meta, state = read_artifact(folder, ARTIFACT_STEM, "predictor", "03", model)
-    pred = ExpertPredictor(meta["L"], meta["d"], meta["f"], meta["r"], meta["bias"], meta=meta)
+    meta, state = read_artifact(folder, stem, "predictor", "03", model)
+    pred = ExpertPredictor(meta["L"], meta["d"], meta["f"], meta["r"], meta["bias"], meta.get("prior", False), meta=meta)
     pred.load_state_dict(state)
     return pred.eval()
 
@@ -197,15 +247,18 @@ def load_predictor(folder: Path, model: nn.Module | None = None) -> ExpertPredic
 class PredictorConfig(StrictConfig):
     """Predictor training settings (see the module docstring for the choices).
 
-    Training runs in two phases over the same objective: (1) `q` fixed at 0, i.e. the pool
-    is the block mean, which is precomputed once, so an epoch costs only the tiny MLP and
-    up to `mean_pool_epochs` epochs are cheap; (2) everything jointly, `q` included, for up
-    to `max_epochs` epochs (each epoch reads every token's X four times). Both phases
-    early-stop per layer on the validation loss with `patience`.
+    Training runs in two phases over the same objective: (1) `q` fixed at 0, i.e. the pool is the
+    block mean, which the collection stores (`Collection.pooled`), so an epoch costs only the tiny
+    MLP and up to `mean_pool_epochs` epochs are cheap; (2) everything jointly, `q` included, for up
+    to `max_epochs` epochs: it needs every token's X (a collection with `tokens_per_block=None`) and
+    is skipped otherwise (notebook 03 measured no gain from it). Both phases early-stop per layer on
+    the validation loss with `patience`. `prior=True` adds the first-block prior term (beyond the
+    paper; see `ExpertPredictor`).
     """
 
     rank: int | None = None  # None: the power of two at or above d/16
     bias: bool = False
+    prior: bool = False
     lr: float = 1e-2
     lr_joint: float = 1e-3
     weight_decay: float = 0.0
@@ -234,16 +287,13 @@ class TrainResult:
     seconds: float
 
 
-def _scales(X: Tensor, batch: int = 16) -> tuple[Tensor, Tensor]:
-    """Per-layer, per-dim RMS of tokens' X and of mean-pooled X: X [n, L, N, d] -> ([L, d], [L, d])."""
-    sx = torch.zeros(X.shape[1], X.shape[-1])
-    sa = torch.zeros_like(sx)
-    for i in range(0, X.shape[0], batch):
-        xb = X[i : i + batch].float()  # [b, L, N, d]
-        sx += xb.pow(2).mean(2).sum(0)
-        sa += xb.mean(2).pow(2).sum(0)
-    n = X.shape[0]
-    return (sx / n).sqrt().clamp_min(1e-6), (sa / n).sqrt().clamp_min(1e-6)
+def _rms(t: Tensor, token_dim: bool, batch: int = 64) -> Tensor:
+    """Per-layer, per-dim RMS over blocks (and tokens): [n, L, (N,) d] -> [L, d]."""
+    acc = torch.zeros(t.shape[1], t.shape[-1])
+    for i in range(0, t.shape[0], batch):
+        tb = t[i : i + batch].float()
+        acc += (tb.pow(2).mean(2) if token_dim else tb.pow(2)).sum(0)
+    return (acc / t.shape[0]).sqrt().clamp_min(1e-6)
 
 
 def split_train_val(coll: Collection, val_frac: float, seed: int) -> tuple[Tensor, Tensor]:
@@ -258,33 +308,43 @@ def split_train_val(coll: Collection, val_frac: float, seed: int) -> tuple[Tenso
 def _effective(raw: dict[str, Tensor], sx: Tensor | None, sa: Tensor | None) -> dict[str, Tensor]:
     """The paper-architecture parameters from the preconditioned ones (q = u / sx, W1 = V / sa)."""
     out = dict(raw)
-    if sx is not None:
-        out["q"] = raw["q"] / sx
+    if sa is not None:
+        if sx is not None:
+            out["q"] = raw["q"] / sx
         out["w1"] = raw["w1"] / sa.unsqueeze(-1)  # [L, d, r] / [L, d, 1]
     return out
 
 
-def _scores(p: dict[str, Tensor], X: Tensor | None, A: Tensor | None) -> Tensor:
-    """Predictor scores from X [n, L, N, d] (attention pool) or, in phase 1, from mean-pooled A [n, L, d]."""
+def _scores(p: dict[str, Tensor], X: Tensor | None, A: Tensor | None, Z: Tensor | None) -> Tensor:
+    """Predictor scores from X [n, L, N, d] (attention pool) or, in phase 1, mean-pooled A [n, L, d]; + prior."""
     a = attention_pool(X, p["q"]) if A is None else A
-    return mlp_scores(a, p["w1"], p["w2"], p.get("b1"), p.get("b2"))
+    s = mlp_scores(a, p["w1"], p["w2"], p.get("b1"), p.get("b2"))
+    return s if "pg" not in p else s + p["pg"] * Z
 
 
 @dataclasses.dataclass
 class _Data:
-    """One part (train or validation) of the training blocks, in float32."""
+    """One part (train or validation) of the training blocks."""
 
-    X: Tensor  # [n, L, N, d]
-    A: Tensor  # [n, L, d] mean-pooled X
-    y: Tensor  # [n, L, f]
-    w: Tensor  # [n, L, f]
-    scores: Tensor  # [n, L, f]
+    A: Tensor  # [n, L, d] fp32 mean-pooled FFN inputs
+    y: Tensor  # [n, L, f] bool labels
+    w: Tensor  # [n, L, f] fp16 BCE weights
+    X: Tensor | None = None  # [n, L, N, d] every token's FFN input (the attention-pool phase only)
+    Z: Tensor | None = None  # [n, L, f] fp16 first-block prior (predictors with prior=True)
+    scores: Tensor | None = None  # [n, L, f] oracle scores (validation: captured mass)
+
+    def batch(self, sl: slice, phase1: bool) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor, Tensor]:
+        """(X, A, Z, y, w) of a batch in float32 (X only outside phase 1, A only in it)."""
+        Z = None if self.Z is None else self.Z[sl].float()
+        return (None if phase1 else self.X[sl].float(), self.A[sl] if phase1 else None, Z, self.y[sl].float(),
+                self.w[sl].float())
 
 
-def _part(train: Collection, rows: Tensor, labels: LabelConfig) -> _Data:
-    X = train.X[rows].float()  # [n, L, N, d] (one conversion; batches are then views)
+def _part(train: Collection, rows: Tensor, labels: LabelConfig, with_x: bool, prior: bool, val: bool) -> _Data:
     y, w = make_labels(train.scores[rows], labels)
-    return _Data(X, X.mean(2), y, w, train.scores[rows])
+    Z = first_block_prior(train.scores[train.first_rows()[rows]]).to(torch.float16) if prior else None
+    X = train.X[rows] if with_x else None
+    return _Data(train.mean_inputs()[rows], y.bool(), w.to(torch.float16), X, Z, train.scores[rows] if val else None)
 
 
 @torch.no_grad()
@@ -293,8 +353,9 @@ def _validate(p: dict[str, Tensor], data: _Data, phase1: bool, batch: int, k: in
     tot, mass, n = 0.0, 0.0, data.y.shape[0]
     for i in range(0, n, batch):
         sl = slice(i, i + batch)
-        s = _scores(p, None if phase1 else data.X[sl], data.A[sl] if phase1 else None)
-        loss = weighted_bce(s, data.y[sl], data.w[sl])
+        X, A, Z, y, w = data.batch(sl, phase1)
+        s = _scores(p, X, A, Z)
+        loss = weighted_bce(s, y, w)
         sc = data.scores[sl]
         m = sc.gather(-1, s.topk(k, dim=-1).indices).sum(-1) / sc.topk(k, dim=-1).values.sum(-1)  # [b, L]
         tot, mass = tot + loss * s.shape[0], mass + m.sum(0)
@@ -315,8 +376,6 @@ class _Trainer:
 
     def run(self, tr: _Data, va: _Data, phase: int, epochs: int, lr: float, progress: bool) -> None:
         """Train up to `epochs` epochs of one phase (1: mean pool, q fixed; 2: joint)."""
-        from tqdm.auto import tqdm
-
         cfg, phase1 = self.cfg, phase == 1
         params = [v for k, v in self.raw.items() if not (phase1 and k == "q")]
         opt = torch.optim.Adam(params, lr=lr, weight_decay=cfg.weight_decay)
@@ -328,15 +387,15 @@ class _Trainer:
             starts = torch.randperm((n + cfg.batch_blocks - 1) // cfg.batch_blocks, generator=self.gen)
             for b in (starts * cfg.batch_blocks).tolist():
                 sl = slice(b, b + cfg.batch_blocks)  # contiguous batches of pre-shuffled blocks
-                s = _scores(_effective(self.raw, self.sx, self.sa), None if phase1 else tr.X[sl],
-                            tr.A[sl] if phase1 else None)
-                loss = weighted_bce(s, tr.y[sl], tr.w[sl])  # [L]
+                X, A, Z, y, w = tr.batch(sl, phase1)
+                s = _scores(_effective(self.raw, self.sx, self.sa), X, A, Z)
+                loss = weighted_bce(s, y, w)  # [L]
                 opt.zero_grad(set_to_none=True)
                 loss.sum().backward()
                 opt.step()
                 tot += loss.detach() * s.shape[0]
             eff = {k: v.detach() for k, v in _effective(self.raw, self.sx, self.sa).items()}
-            val_loss, val_mass = _validate(eff, va, phase1, cfg.batch_blocks, k_half)
+            val_loss, val_mass = _validate(eff, va, phase1, 4 * cfg.batch_blocks, k_half)
             stale = 0 if self._keep_best(val_loss, len(self.history) + 1) else stale + 1
             self.history.append({
                 "epoch": len(self.history) + 1, "phase": phase, "train_loss": float((tot / n).mean()),
@@ -364,27 +423,34 @@ def train_predictor(
     train: Collection, cfg: PredictorConfig = PredictorConfig(), meta: dict[str, Any] | None = None,
     progress: bool = True,
 ) -> TrainResult:
-    """Train all layers' predictors at once on a training collection (Adam, early stopping per layer)."""
-    if train.X is None:
-        raise ValueError("the training collection was loaded without X")
+    """Train all layers' predictors at once on a training collection (Adam, early stopping per layer).
+
+    The attention-pool phase (`cfg.max_epochs`) runs only when the collection holds every token's X.
+    """
     t0 = time.time()
     torch.manual_seed(cfg.seed)
-    n, L, N, d = train.X.shape
+    A_all = train.mean_inputs()  # [n, L, d]
+    n, L, d = A_all.shape
     f = train.scores.shape[-1]
+    N = train.manifest["key"]["block_size"]
+    full_x = train.X is not None and train.X.shape[2] == N
+    joint = cfg.max_epochs > 0 and full_x
     tr_rows, va_rows = split_train_val(train, cfg.val_frac, cfg.seed)
     tr_rows = tr_rows[torch.randperm(len(tr_rows), generator=torch.Generator().manual_seed(cfg.seed))]
-    tr = _part(train, tr_rows, cfg.labels)
-    va = _part(train, va_rows, cfg.labels) if len(va_rows) else tr  # too few samples: stop on train loss
-    pred = ExpertPredictor(L, d, f, cfg.rank, cfg.bias)
-    sx, sa = _scales(tr.X) if cfg.precondition else (None, None)
+    tr = _part(train, tr_rows, cfg.labels, joint, cfg.prior, val=False)
+    va = _part(train, va_rows, cfg.labels, joint, cfg.prior, val=True) if len(va_rows) else \
+        _part(train, tr_rows, cfg.labels, joint, cfg.prior, val=True)  # too few samples: stop on train loss
+    pred = ExpertPredictor(L, d, f, cfg.rank, cfg.bias, cfg.prior)
+    sa = _rms(tr.A, token_dim=False) if cfg.precondition else None
+    sx = _rms(tr.X, token_dim=True) if cfg.precondition and joint else None
     raw = {k: p.detach().clone() for k, p in pred.named_parameters()}
-    if sx is not None:  # V ~ N(0, 1/d) on unit-scale inputs; u = 0
+    if sa is not None:  # V ~ N(0, 1/d) on unit-scale inputs; u = 0
         raw["w1"] = torch.randn(L, d, pred.r) / math.sqrt(d)
     raw = {k: v.requires_grad_(True) for k, v in raw.items()}
     trainer = _Trainer(raw, L, cfg, sx, sa)
     if cfg.mean_pool_epochs:
         trainer.run(tr, va, 1, cfg.mean_pool_epochs, cfg.lr, progress)
-    if cfg.max_epochs:
+    if joint:
         trainer.run(tr, va, 2, cfg.max_epochs, cfg.lr_joint, progress)
     eff = _effective(trainer.best, sx, sa)  # fold the preconditioning into q and W1
     with torch.no_grad():
@@ -392,10 +458,10 @@ def train_predictor(
             p.copy_(eff[key])
     hist = trainer.history
     pred.meta = {
-        **(meta or {}), "L": L, "d": d, "f": f, "r": pred.r, "bias": cfg.bias, "block_size": N,
+        **(meta or {}), "L": L, "d": d, "f": f, "r": pred.r, "bias": cfg.bias, "prior": cfg.prior, "block_size": N,
         "training": {
             **cfg.to_dict(), "train_blocks": int(len(tr_rows)), "val_blocks": int(len(va_rows)),
-            "train_tokens": int(len(tr_rows)) * N, "epochs_run": len(hist),
+            "train_tokens": int(len(tr_rows)) * N, "epochs_run": len(hist), "attention_pool_phase": joint,
             "epochs_per_phase": [sum(h["phase"] == p for h in hist) for p in (1, 2)],
             "best_epoch_per_layer": trainer.best_epoch, "final_train_loss": hist[-1]["train_loss"] if hist else None,
             "best_val_loss": float(trainer.best_loss.mean()), "best_val_loss_per_layer": trainer.best_loss.tolist(),
@@ -414,14 +480,23 @@ def predictor_meta(model: nn.Module, model_key: str, train: Collection) -> dict[
 
 # ------------------------------------------------------------------------------ metrics
 @torch.no_grad()
-def predict_scores(pred: ExpertPredictor, coll: Collection, batch: int = 32) -> Tensor:
-    """Predicted scores of every block and layer of a collection: [n_blocks, L, f]."""
-    if coll.X is None:
-        raise ValueError("the collection was loaded without X")
-    return torch.cat([pred(coll.X[i : i + batch].float()) for i in range(0, coll.n_blocks, batch)])
+def predict_scores(pred: ExpertPredictor, coll: Collection, batch: int = 64) -> Tensor:
+    """Predicted scores of every block and layer of a collection: [n_blocks, L, f].
+
+    A predictor whose attention query is zero pools by the mean (the collection's `pooled`, exact);
+    one with a learned query needs every token's X.
+    """
+    Z = first_block_prior(coll.scores[coll.first_rows()]) if pred.prior else None  # [n, L, f]
+    zb = (lambda i: None if Z is None else Z[i : i + batch])
+    if not bool(pred.q.any()):
+        A = coll.mean_inputs()
+        return torch.cat([pred.pooled_scores(A[i : i + batch], zb(i)) for i in range(0, coll.n_blocks, batch)])
+    if coll.X is None or coll.X.shape[2] != coll.manifest["key"]["block_size"]:
+        raise ValueError("this predictor learned its attention pool: it needs a collection with every token's X")
+    return torch.cat([pred(coll.X[i : i + batch].float(), zb(i)) for i in range(0, coll.n_blocks, batch)])
 
 
-def _chosen_masks(coll: Collection, k: int, predicted: Tensor | None, prior: Tensor | None,
+def _chosen_masks(coll: Collection, k: int, predicted: Mapping[str, Tensor], prior: Tensor | None,
                   seed: int) -> dict[str, Tensor]:
     """Selected-neuron masks [n, L, f] (bool) of every policy at K."""
     sc = coll.scores  # [n, L, f]
@@ -430,10 +505,7 @@ def _chosen_masks(coll: Collection, k: int, predicted: Tensor | None, prior: Ten
     def mask(idx: Tensor) -> Tensor:
         return torch.zeros(n, L, f, dtype=torch.bool).scatter_(-1, idx, True)
 
-    first = {int(s): i for i, (s, p) in enumerate(zip(coll.sample.tolist(), coll.position.tolist())) if p == 0}
-    if len(first) != len(set(coll.sample.tolist())):
-        raise ValueError("first_block_static needs every sample's block 0 in the collection")
-    first_rows = torch.tensor([first[int(s)] for s in coll.sample])  # [n] row of the same sample's block 0
+    first_rows = coll.first_rows()  # [n] row of the same sample's block 0
     g = torch.Generator().manual_seed(seed)
     rand = torch.rand(n, L, f, generator=g).argsort(-1)[..., :k]  # [n, L, k] uniform random subsets
     out = {
@@ -443,13 +515,13 @@ def _chosen_masks(coll: Collection, k: int, predicted: Tensor | None, prior: Ten
     }
     if prior is not None:  # [L, f] mean training importance: a prompt-independent static choice
         out["global_static"] = mask(prior.topk(k, dim=-1).indices.expand(n, L, k))
-    if predicted is not None:
-        out["predictor"] = mask(predicted.topk(k, dim=-1).indices)
+    for name, scores in predicted.items():
+        out[name] = mask(scores.topk(k, dim=-1).indices)
     return out
 
 
 def selection_metrics(
-    coll: Collection, predicted: Tensor | None = None, prior: Tensor | None = None,
+    coll: Collection, predicted: Tensor | Mapping[str, Tensor] | None = None, prior: Tensor | None = None,
     densities: Sequence[float] = DENSITIES, seed: int = 0, skip_first: bool = True,
 ) -> list[dict[str, Any]]:
     """Per-layer recall of the oracle top-K and captured importance mass for each policy and density.
@@ -463,7 +535,8 @@ def selection_metrics(
     f = coll.scores.shape[-1]
     for density in densities:
         k = experts_for(density, f)
-        masks = _chosen_masks(coll, k, predicted, prior, seed)
+        named = {} if predicted is None else {"predictor": predicted} if isinstance(predicted, Tensor) else predicted
+        masks = _chosen_masks(coll, k, named, prior, seed)
         sc = coll.scores
         oracle_mass = (sc * masks["oracle"]).sum(-1)  # [n, L]
         for policy, m in masks.items():

@@ -15,10 +15,15 @@ densities 0.5 / 0.6 / 0.7 (K = round(density * f) experts per sparse block), blo
 - gather: first/last block dense as above, the middle blocks by index_select of the
           experts' w_gu / w_down_t rows, then torch.bmm (one per projection).
 
-Only the FFN is timed (expert indices are given; the predictor is not run). CUDA events
-around each call, warm-up calls (which also run the Triton autotuner) excluded, median of
-the repeats. The FLOP-ideal speedup counts the three matmuls: dense 6 T d f, sparse
-6 d (n_dense_rows f + n_sparse_rows K).
+Only the FFN is timed (expert indices are given; the predictor is not run). Before timing, both
+sparse variants are checked against the per-block torch reference (a wrong kernel is never
+timed); that first call also runs the Triton autotuner. Then `warmup` untimed calls per variant,
+then `repeats` interleaved rounds (dense, triton, gather; the order rotated every round), each
+call between two CUDA events. Reported: every sample, the median and the interquartile range
+per variant, the speedup as the median of the per-round ratios (with its quartiles), the
+achieved TFLOP/s, and the fraction of the FLOP-ideal speedup reached. The FLOP-ideal speedup
+counts the three matmuls: dense 6 T d f, sparse 6 d (n_dense_rows f + n_sparse_rows K).
+`scripts/gpu_run.py` runs this grid as its stage b (and writes the same rows).
 """
 from __future__ import annotations
 
@@ -30,7 +35,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -161,13 +166,78 @@ def time_ms(fn: Callable[[], object], warmup: int, repeats: int, cuda: bool) -> 
     return times
 
 
-def _median_or_none(fn: Callable[[], object], warmup: int, repeats: int, cuda: bool) -> tuple[float | None, str]:
-    try:
-        return statistics.median(time_ms(fn, warmup, repeats, cuda)), ""
-    except torch.cuda.OutOfMemoryError:
-        torch.cuda.empty_cache()
-        return None, "out of GPU memory"
 
+
+def quartiles(values: Sequence[float]) -> tuple[float, float, float]:
+    """(25th percentile, median, 75th percentile), linear interpolation (one value: itself)."""
+    v = sorted(float(x) for x in values)
+    if not v:
+        raise ValueError("no values")
+    if len(v) == 1:
+        return v[0], v[0], v[0]
+    q = statistics.quantiles(v, n=4, method="inclusive")
+    return q[0], q[1], q[2]
+
+
+def _is_oom(err: BaseException) -> bool:
+    return isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in str(err).lower()
+
+
+def time_interleaved_ms(fns: dict[str, Callable[[], object]], warmup: int, repeats: int,
+                        cuda: bool) -> tuple[dict[str, list[float]], dict[str, str]]:
+    """Per-call ms of several callables in interleaved rounds (order rotated per round) after `warmup`
+    untimed calls each: CUDA events on GPU, perf_counter on CPU. A callable that runs out of GPU
+    memory in its warm-up is dropped; returns (samples per name, notes per dropped name)."""
+    notes: dict[str, str] = {}
+    live = {}
+    for name, fn in fns.items():
+        try:
+            for _ in range(max(1, warmup)):
+                fn()
+            live[name] = fn
+        except (torch.cuda.OutOfMemoryError, RuntimeError) as err:
+            if not _is_oom(err):
+                raise
+            notes[name] = "out of GPU memory"
+            if cuda:
+                torch.cuda.empty_cache()
+    if cuda:
+        torch.cuda.synchronize()
+    names = list(live)
+    samples: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(repeats):
+        for name in names[r % max(1, len(names)):] + names[: r % max(1, len(names))]:
+            if cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                live[name]()
+                end.record()
+                end.synchronize()
+                samples[name].append(start.elapsed_time(end))
+            else:
+                t0 = time.perf_counter()
+                live[name]()
+                samples[name].append((time.perf_counter() - t0) * 1e3)
+    return samples, notes
+
+
+def summarize_ms(prefix: str, samples: list[float] | None) -> dict:
+    """`<prefix>_ms` (median), `_q25_ms`, `_q75_ms`, `_iqr_ms` and `_all_ms` (every sample) of one variant."""
+    if not samples:
+        return {f"{prefix}_ms": None, f"{prefix}_q25_ms": None, f"{prefix}_q75_ms": None, f"{prefix}_iqr_ms": None,
+                f"{prefix}_all_ms": []}
+    q25, med, q75 = quartiles(samples)
+    return {f"{prefix}_ms": med, f"{prefix}_q25_ms": q25, f"{prefix}_q75_ms": q75, f"{prefix}_iqr_ms": q75 - q25,
+            f"{prefix}_all_ms": [round(t, 6) for t in samples]}
+
+
+def round_ratios(prefix: str, num: list[float] | None, den: list[float] | None) -> dict:
+    """Per-round ratios num / den (a speedup when num is the dense time): median as `<prefix>`, quartiles, all."""
+    if not num or not den:
+        return {prefix: None, f"{prefix}_q25": None, f"{prefix}_q75": None, f"{prefix}_all": []}
+    r = [a / b for a, b in zip(num, den)]
+    q25, med, q75 = quartiles(r)
+    return {prefix: med, f"{prefix}_q25": q25, f"{prefix}_q75": q75, f"{prefix}_all": [round(x, 5) for x in r]}
 
 def max_rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """max |a - b| / max |b| in fp32."""
@@ -193,34 +263,95 @@ def check_variants(p: "Problem", sparse_fn: Callable, tol: float) -> dict:
     return errs
 
 
+
+
 def bench_one(model: str, d: int, f: int, T: int, density: float, block_size: int, sparse_fn: Callable,
-              device: str, dtype: torch.dtype, warmup: int, repeats: int, tol: float) -> dict:
+              device: str, dtype: torch.dtype, warmup: int, repeats: int, tol: float, seed: int = 0) -> dict:
     """Time the three variants on one (shape, T, density) after checking the sparse ones are right."""
     cuda = device == "cuda"
-    p = Problem(T, d, f, density, block_size, device, dtype)
+    p = Problem(T, d, f, density, block_size, device, dtype, seed=seed)
     errs = check_variants(p, sparse_fn, tol)  # also runs the Triton autotuner once
-    dense_ms, _ = _median_or_none(p.run_dense, warmup, repeats, cuda)
-    sparse_ms, note_s = _median_or_none(lambda: p.run_sparse(sparse_fn), warmup, repeats, cuda)
-    gather_ms, note_g = _median_or_none(p.run_gather, warmup, repeats, cuda)
+    fns = {"dense": p.run_dense, "triton": lambda: p.run_sparse(sparse_fn), "gather_bmm": p.run_gather}
+    if errs.get("max_rel_err_gather") is None:
+        del fns["gather_bmm"]  # it ran out of memory in the check
+    samples, notes = time_interleaved_ms(fns, warmup, repeats, cuda)
+    if "gather_bmm" not in fns:
+        notes["gather_bmm"] = "out of GPU memory"
+    n_dense, n_sparse = dense_sparse_rows(T, block_size)
     ideal = flop_ideal_speedup(T, d, f, density, block_size)
-    speed = lambda ms: None if ms is None or dense_ms is None else dense_ms / ms  # noqa: E731
+    dense_fl = ffn_flops(T, d, f)
+    sparse_fl = ffn_flops(n_dense, d, f) + ffn_flops(n_sparse, d, p.K)
     row = {
         "model": model, "d": d, "f": f, "T": T, "density": density, "K": p.K, "block_size": block_size,
-        "sparse_blocks": p.nsb, "dense_ms": dense_ms, "triton_ms": sparse_ms, "gather_bmm_ms": gather_ms,
-        "speedup_triton_vs_dense": speed(sparse_ms), "speedup_gather_vs_dense": speed(gather_ms),
-        "speedup_triton_vs_gather": None if sparse_ms is None or gather_ms is None else gather_ms / sparse_ms,
-        "flop_ideal_speedup": ideal, **errs,
+        "sparse_blocks": p.nsb, "dense_rows": n_dense, "sparse_rows": n_sparse,
+        "dense_flops": dense_fl, "sparse_flops": sparse_fl, "flop_ideal_speedup": ideal,
+        **summarize_ms("dense", samples.get("dense")), **summarize_ms("triton", samples.get("triton")),
+        **summarize_ms("gather_bmm", samples.get("gather_bmm")),
+        **round_ratios("speedup_triton_vs_dense", samples.get("dense"), samples.get("triton")),
+        **round_ratios("speedup_gather_vs_dense", samples.get("dense"), samples.get("gather_bmm")),
+        **round_ratios("speedup_triton_vs_gather", samples.get("gather_bmm"), samples.get("triton")),
+        **errs, "check_tol": tol,
     }
-    row["frac_ideal_triton"] = None if row["speedup_triton_vs_dense"] is None else row["speedup_triton_vs_dense"] / ideal
-    row["frac_ideal_gather"] = None if row["speedup_gather_vs_dense"] is None else row["speedup_gather_vs_dense"] / ideal
-    notes = "; ".join(n for n in (note_s and f"triton: {note_s}", note_g and f"gather: {note_g}") if n)
+    tflops = lambda flop, ms: None if ms is None else flop / (ms * 1e-3) / 1e12  # noqa: E731
+    row["dense_tflops"] = tflops(dense_fl, row["dense_ms"])
+    row["triton_tflops"] = tflops(sparse_fl, row["triton_ms"])
+    row["gather_bmm_tflops"] = tflops(sparse_fl, row["gather_bmm_ms"])
+    for v, key in (("triton", "speedup_triton_vs_dense"), ("gather", "speedup_gather_vs_dense")):
+        row[f"frac_ideal_{v}"] = None if row[key] is None else row[key] / ideal
     if notes:
-        row["note"] = notes
+        row["note"] = "; ".join(f"{k}: {v}" for k, v in notes.items())
     del p
     if cuda:
         torch.cuda.empty_cache()
     return row
 
+
+def grid(models: dict[str, tuple[int, int]], tokens: Sequence[int], densities: Sequence[float]) -> list[tuple]:
+    """The (model, d, f, T, density) configurations of a run, in the order they are measured."""
+    return [(m, d, f, T, dens) for m, (d, f) in models.items() for T in tokens for dens in densities]
+
+
+def run_grid(configs: Sequence[tuple], block_size: int, sparse_fn: Callable, device: str, dtype: torch.dtype,
+             warmup: int, repeats: int, tol: float, deadline: float | None = None,
+             on_row: Callable[[dict], None] | None = None, keep_going: bool = False) -> list[dict]:
+    """`bench_one` over the configurations; past `deadline` (time.monotonic) the rest are recorded as skipped.
+
+    With `keep_going`, a configuration that fails (a wrong sparse result, an error) is recorded with its
+    error instead of stopping the run. `on_row` sees every row as soon as it exists.
+    """
+    rows = []
+    for model, d, f, T, density in configs:
+        base = {"model": model, "d": d, "f": f, "T": T, "density": density, "block_size": block_size}
+        if deadline is not None and time.monotonic() > deadline:
+            row = {**base, "skipped": "time box reached before this configuration"}
+        else:
+            try:
+                row = bench_one(model, d, f, T, density, block_size, sparse_fn, device, dtype, warmup, repeats, tol)
+            except Exception as err:  # noqa: BLE001 - recorded, the rest of the grid still runs
+                if not keep_going:
+                    raise
+                row = {**base, "error": f"{type(err).__name__}: {err}"[:2000]}
+                if device == "cuda":
+                    torch.cuda.empty_cache()
+        rows.append(row)
+        if on_row is not None:
+            on_row(row)
+    return rows
+
+
+def autotune_choices() -> dict:
+    """The Triton autotuner's chosen config per kernel and key (empty in the interpreter or before any launch)."""
+    out = {}
+    try:
+        from ffcore.kernels.gather_down import gather_down_kernel
+        from ffcore.kernels.gather_gate_up import gather_gate_up_kernel
+    except ImportError:
+        return out
+    for name, k in (("gather_gate_up", gather_gate_up_kernel), ("gather_down", gather_down_kernel)):
+        cache = getattr(k, "cache", None)
+        if isinstance(cache, dict):
+            out[name] = {str(key): str(cfg) for key, cfg in cache.items()}
+    return out
 
 # ----------------------------------------------------------------------------- report
 COLUMNS = [
@@ -228,7 +359,7 @@ COLUMNS = [
     ("triton_ms", "triton ms", "{:.3f}"), ("gather_bmm_ms", "gather ms", "{:.3f}"),
     ("speedup_triton_vs_dense", "triton x", "{:.2f}"), ("speedup_gather_vs_dense", "gather x", "{:.2f}"),
     ("flop_ideal_speedup", "ideal x", "{:.2f}"), ("frac_ideal_triton", "triton/ideal", "{:.0%}"),
-    ("frac_ideal_gather", "gather/ideal", "{:.0%}"),
+    ("frac_ideal_gather", "gather/ideal", "{:.0%}"), ("triton_tflops", "triton TF/s", "{:.0f}"),
 ]
 
 
@@ -259,6 +390,45 @@ def git_commit() -> str:
         return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+
+
+def package_version(name: str) -> str | None:
+    """The installed version of a distribution, or None."""
+    from importlib import metadata
+
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _nvidia_driver() -> str | None:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20)
+        return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def environment() -> dict:
+    """Where a measurement ran: device, driver, torch / CUDA / triton / transformers versions, git commit."""
+    import platform
+
+    info = {
+        "device": "cpu (no CUDA device)", "python": platform.python_version(), "torch": torch.__version__,
+        "cuda": torch.version.cuda, "triton": package_version("triton"), "transformers": package_version("transformers"),
+        "numpy": package_version("numpy"), "git_commit": git_commit(), "hostname": platform.node(),
+        "triton_interpret": os.environ.get("TRITON_INTERPRET"), "cpu_count": os.cpu_count(),
+    }
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        info.update({
+            "device": torch.cuda.get_device_name(0), "capability": f"{props.major}.{props.minor}",
+            "sm_count": props.multi_processor_count, "total_memory_gib": round(props.total_memory / 2**30, 2),
+            "driver": _nvidia_driver(), "cudnn": torch.backends.cudnn.version(),
+        })
+    return info
 
 
 # ----------------------------------------------------------------------------- main
@@ -300,23 +470,21 @@ def main(argv: list[str] | None = None) -> int:
             print("TRITON_INTERPRET is set: Triton would run in its CPU interpreter; unset it to time the GPU.",
                   file=sys.stderr)
             return 2
-        import triton
-
-        from ffcore.kernels import block_sparse_ffn as sparse_fn
+        from ffcore.kernels import block_sparse_ffn as sparse_fn  # optional: imports triton
 
         device, dtype = "cuda", torch.bfloat16
         models = {m: MODELS[m] for m in args.models}
         tokens, densities, block = args.tokens, args.densities, args.block_size
         warmup, repeats = max(1, args.warmup), max(1, args.repeats)
 
-    rows = []
     print(format_table([]), flush=True)
-    for model, (d, f) in models.items():
-        for T in tokens:
-            for density in densities:
-                row = bench_one(model, d, f, T, density, block, sparse_fn, device, dtype, warmup, repeats, args.tol)
-                rows.append(row)
-                print(format_table([row], header=False) + (f"   ({row['note']})" if "note" in row else ""), flush=True)
+
+    def show(row: dict) -> None:
+        print(format_table([row], header=False) + (f"   ({row['note']})" if "note" in row else ""), flush=True)
+
+    started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    rows = run_grid(grid(models, tokens, densities), block, sparse_fn, device, dtype, warmup, repeats, args.tol,
+                    on_row=show)
     print()
     print(format_table(rows))
     if args.dry_run_cpu:
@@ -324,24 +492,32 @@ def main(argv: list[str] | None = None) -> int:
 
     report = {
         "benchmark": "FFN module: Triton block-sparse vs dense cuBLAS vs torch gather+bmm",
-        "device": torch.cuda.get_device_name(0),
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "cuda": torch.version.cuda,
-        "git_commit": git_commit(),
-        "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "config": {
-            "dtype": "bfloat16", "activation": "silu", "block_size": block, "first_last_block_dense": True,
-            "warmup": warmup, "repeats": repeats, "statistic": "median of CUDA-event times (ms)",
-            "expert_selection": "random distinct experts per block (predictor not run)",
-            "flop_model": "dense 6*T*d*f; sparse 6*d*(dense_rows*f + sparse_rows*K)",
-        },
+        **environment(),
+        "created_utc": started,
+        "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "config": settings_record(block, warmup, repeats, args.tol, models, tokens, densities),
+        "autotune": autotune_choices(),
         "rows": rows,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"\nwrote {args.out}")
     return 0
+
+
+def settings_record(block: int, warmup: int, repeats: int, tol: float, models: dict, tokens: Sequence[int],
+                    densities: Sequence[float], dtype: str = "bfloat16") -> dict:
+    """The settings block of a report (what was measured and how)."""
+    return {
+        "dtype": dtype, "activation": "silu", "block_size": block, "first_last_block_dense": True,
+        "models": {m: {"d": d, "f": f} for m, (d, f) in models.items()}, "tokens": list(tokens),
+        "densities": list(densities), "warmup": warmup, "repeats": repeats, "check_tol": tol,
+        "timing": "interleaved rounds (dense, triton, gather_bmm; order rotated per round), CUDA events around "
+                  "each call; warm-up calls and the Triton autotuner excluded",
+        "statistic": "median and interquartile range of the per-call ms; speedups are medians of per-round ratios",
+        "expert_selection": "random distinct experts per block, sorted (predictor not run)",
+        "flop_model": "dense 6*T*d*f; sparse 6*d*(dense_rows*f + sparse_rows*K)",
+    }
 
 
 if __name__ == "__main__":

@@ -276,7 +276,8 @@ def test_policies_share_one_interface(model):
     fused = fused_ffn(mlp)
     x = torch.randn(T, model.config.hidden_size)
     spans = split_blocks(T, 64, True, True)[1]
-    ctx = SelectContext(0, x, spans, 17, fused, 64)
+    first_scores = griffin_scores(dense_activations(x[:64], fused))  # what the engine hands policies that ask
+    ctx = SelectContext(0, x, spans, 17, fused, 64, first_scores=first_scores)
     for name in ("dense", "oracle", "first_block_static", "random"):
         pol = make_policy(name)
         assert isinstance(pol, SelectionPolicy)

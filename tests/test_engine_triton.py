@@ -62,7 +62,8 @@ def test_expanded_expert_ids_are_what_the_policies_return():
     model = _model("llama")
     fused = fused_ffn(gated_mlps(model)[0])
     x = torch.randn(160, model.config.hidden_size, device=DEVICE)
-    ctx = SelectContext(0, x, [(32, 64), (64, 96), (96, 128)], 40, fused, 32)
+    ctx = SelectContext(0, x, [(32, 64), (64, 96), (96, 128)], 40, fused, 32,
+                        first_scores=torch.rand(fused.f, device=DEVICE))
     idx = make_policy("first_block_static").select(ctx)
     assert idx.stride(0) == 0  # so the engine, not the policy, must make it contiguous
 

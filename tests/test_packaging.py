@@ -14,7 +14,7 @@ def _name(req: str) -> str:
 
 def test_environment_yml_matches_pyproject():
     py = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    want = {r.strip() for r in py["dependencies"] + py["optional-dependencies"]["dev"]}
+    want = {r.strip() for r in py["dependencies"] + [r for extra in py["optional-dependencies"].values() for r in extra]}
     lines = (ROOT / "environment.yml").read_text().splitlines()
     entries = [ln.strip()[2:].strip() for ln in lines if ln.startswith("      - ")]
     pip_reqs = {e for e in entries if not e.startswith("-")}  # drop pip options: `-c constraints.txt`, `-e .`
@@ -33,7 +33,8 @@ def test_constraints_pin_every_dependency_inside_its_range():
             assert version, f"constraints.txt: {ln!r} is not an exact pin"
             pins[canonicalize_name(name)] = version
     py = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    for req in map(Requirement, py["dependencies"] + py["optional-dependencies"]["dev"]):
+    extras = [r for extra in py["optional-dependencies"].values() for r in extra]
+    for req in map(Requirement, py["dependencies"] + extras):
         version = pins.get(canonicalize_name(req.name))
         assert version is not None, f"constraints.txt does not pin {req.name}"
         assert req.specifier.contains(version, prereleases=True), f"{req.name}=={version} is outside {req.specifier}"

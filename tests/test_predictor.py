@@ -8,15 +8,15 @@ import torch
 
 from ffcore.collect import CollectConfig, Collection, collect, load_collection_dir
 from ffcore.engine import sparsify
-from ffcore.models import load_model, model_dims
+from ffcore.models import gated_mlps, load_model, model_dims
 from ffcore.engine.plan import SparsityPlan
-from ffcore.engine.policies import SelectContext, SelectionPolicy, topk_sorted
+from ffcore.engine.policies import SelectContext, SelectionPolicy, griffin_scores, topk_sorted
 from ffcore.predictor import (
-    ExpertPredictor, LabelConfig, PredictorConfig, load_predictor, make_labels, pool_and_score,
+    ExpertPredictor, LabelConfig, PredictorConfig, first_block_prior, load_predictor, make_labels, pool_and_score,
     predictor_flop_share, predictor_meta, predictor_rank, predict_scores, save_predictor, selection_metrics,
     train_predictor, weighted_bce,
 )
-from ffcore.engine.sparse_ffn import fused_ffn
+from ffcore.engine.sparse_ffn import dense_activations, fused_ffn
 
 
 # ------------------------------------------------------------------ labels
@@ -209,3 +209,81 @@ def test_nll_verdict_ranks_policies_by_change():
             {"model": "m", "policy": "oracle", "rel_change_pct": 2.0},
             {"model": "m", "policy": "predictor", "rel_change_pct": 1.0}]
     assert nll_verdict(rows) == "- **m** (NLL change vs dense, best first): predictor +1.00 %, oracle +2.00 %."
+
+
+# ------------------------------------------------------------------ compact collections and the first-block prior
+@pytest.fixture(scope="module")
+def compact(tmp_path_factory):
+    """A compact collection (16 sampled tokens per block) and a full one of the same samples."""
+    model, tok = load_model("tiny-llama")
+    root = tmp_path_factory.mktemp("compact")
+    cfgs = {"full": CollectConfig(split="train", n_samples=4, seq_len=512, samples_per_shard=2, batch_size=2),
+            "compact": CollectConfig(split="train", n_samples=4, seq_len=512, samples_per_shard=2, batch_size=2,
+                                     tokens_per_block=16)}
+    colls = {k: load_collection_dir(collect(model, tok, c, root / k, "tiny-llama", progress=False))
+             for k, c in cfgs.items()}
+    return model, colls
+
+
+def test_compact_collection_keeps_the_mean_and_sampled_tokens(compact):
+    _, c = compact
+    full, small = c["full"], c["compact"]
+    assert small.X.shape[2] == 16 and full.X.shape[2] == 128
+    torch.testing.assert_close(small.pooled.float(), full.X.float().mean(2), atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(small.scores, full.scores, atol=2e-3, rtol=2e-3)  # fp16 storage, fp32 loaded
+    # the sampled tokens are rows of their full blocks
+    rows = (small.X[:, 0].float()[..., None, :] - full.X[:, 0].float()[:, None]).abs().amax(-1)  # [n, 16, 128]
+    assert bool((rows.min(-1).values < 2e-3).all())  # every sampled token is one of its block's tokens
+    assert small.block_domains() == full.block_domains() and set(small.block_domains()) <= {"prose", "code"}
+
+
+def test_predictor_trains_on_pooled_inputs_and_selects_the_same_experts(compact):
+    model, c = compact
+    small = c["compact"]
+    res = train_predictor(small, PredictorConfig(mean_pool_epochs=8, max_epochs=3, batch_blocks=8), progress=False)
+    assert res.predictor.meta["training"]["attention_pool_phase"] is False  # q stays 0: the mean pool
+    assert not bool(res.predictor.q.any())
+    # scores from pooled inputs equal the engine-form pass over every token of the block (the full collection)
+    pooled = predict_scores(res.predictor, small)
+    full = predict_scores(res.predictor, c["full"])
+    torch.testing.assert_close(pooled, full, atol=5e-3, rtol=5e-3)
+
+
+def test_first_block_prior_predictor_trains_and_the_engine_feeds_it(compact):
+    model, c = compact
+    small = c["compact"]
+    cfg = PredictorConfig(mean_pool_epochs=10, max_epochs=0, batch_blocks=8, prior=True, bias=True)
+    res = train_predictor(small, cfg, progress=False)
+    pred = res.predictor
+    assert pred.prior and pred.needs_first_block and bool(pred.pg.abs().sum() > 0)
+    # one batched pass over spans of any length == the per-span training form (mean pool + prior term)
+    x = torch.randn(300, 64)
+    spans = [(128, 256), (256, 300), (0, 128)]
+    z = first_block_prior(torch.rand(256))
+    s = pred.span_scores(2, x, spans, z)
+    for j, (a, b) in enumerate(spans):
+        ref = pred.pooled_scores(x[a:b].mean(0)[None, None].expand(1, pred.L, -1), z[None, None].expand(1, pred.L, -1))
+        torch.testing.assert_close(s[j], ref[0, 2], atol=1e-5, rtol=1e-5)
+    # inside the engine the predictor gets the prompt's first-block scores and reuses them after a cached context
+    seen = []
+
+    class Recorder:
+        name, needs_first_block = "recorder", True
+
+        def select(self, ctx):
+            seen.append((ctx.layer, ctx.offset, ctx.first_scores))
+            return pred.select(ctx)
+
+    ids = torch.randint(0, 256, (1, 560), generator=torch.Generator().manual_seed(0))  # suffix: 2 sparse blocks + 1
+    with torch.no_grad(), sparsify(model, SparsityPlan(densities=0.5, policy=Recorder())):
+        out = model(ids[:, :300], use_cache=True)
+        model(ids[:, 300:], past_key_values=out.past_key_values, use_cache=True)  # a suffix prefill
+    fused = fused_ffn(gated_mlps(model)[1])
+    first = [s for layer, off, s in seen if layer == 1]
+    assert len(first) == 2 and first[0] is first[1]  # the suffix call reuses the context's first block
+    hook_x = {}
+    h = gated_mlps(model)[1].register_forward_pre_hook(lambda m, a: hook_x.update(x=a[0][0, :128]))  # returns None
+    with torch.no_grad():
+        model(ids[:, :300])
+    h.remove()
+    torch.testing.assert_close(first[0], griffin_scores(dense_activations(hook_x["x"], fused)), atol=1e-5, rtol=1e-4)

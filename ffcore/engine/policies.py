@@ -26,11 +26,17 @@ class SelectContext:
     block_size: int
     decode: bool = False  # a one-token decode step (spans == [(0, 1)])
     offset: int = 0  # tokens already in the KV cache before this call
+    first_scores: Tensor | None = None  # [f] GRIFFIN scores of the prompt's first block (policies that ask for it)
 
 
 @runtime_checkable
 class SelectionPolicy(Protocol):
-    """The interface every expert-selection policy implements."""
+    """The interface every expert-selection policy implements.
+
+    A policy with a true `needs_first_block` attribute gets `ctx.first_scores`: the engine takes them
+    from the prompt's first block (free when it runs dense) and keeps them for later calls on the same
+    sequence (a suffix prefill after a cached context, decode steps).
+    """
 
     name: str
 
@@ -81,19 +87,27 @@ class FirstBlockStaticPolicy:
     """GRIFFIN's static experts: chosen from the first block, reused by every later block and decode step."""
 
     name = "first_block_static"
-
-    def __init__(self) -> None:
-        self._experts: dict[int, Tensor] = {}  # layer -> scores of the prompt's first block
+    needs_first_block = True
 
     def select(self, ctx: SelectContext) -> Tensor:
-        """The first block's top-K, repeated for every sparse block."""
-        if ctx.offset == 0 and not ctx.decode:
-            first = (0, min(ctx.block_size, ctx.x.shape[0]))
-            self._experts[ctx.layer] = block_scores(ctx, [first])[0]
-        scores = self._experts.get(ctx.layer)
-        if scores is None:
-            raise RuntimeError("first_block_static needs a prefill from position 0 before decode steps")
-        return topk_sorted(scores, ctx.k).expand(len(ctx.spans), -1)
+        """The first block's top-K, one row per sparse block."""
+        if ctx.first_scores is None:
+            raise RuntimeError("first_block_static needs the first block's scores: prefill from position 0 first")
+        return topk_sorted(ctx.first_scores, ctx.k).expand(len(ctx.spans), -1)
+
+
+class StaticPolicy:
+    """Fixed experts per layer, the same for every prompt (e.g. the top-K of the mean training importance)."""
+
+    name = "global_static"
+
+    def __init__(self, scores: Tensor, name: str = "global_static") -> None:
+        self.scores = scores  # [L, f]
+        self.name = name
+
+    def select(self, ctx: SelectContext) -> Tensor:
+        """The layer's top-K, one row per sparse block."""
+        return topk_sorted(self.scores[ctx.layer].to(ctx.x.device), ctx.k).expand(len(ctx.spans), -1)
 
 
 class RandomPolicy:

@@ -170,6 +170,7 @@ def _has_triton() -> bool:
 def block_sparse_ffn(
     x: Tensor, fused: FusedFFN, dense_spans: Sequence[Span], sparse_spans: Sequence[Span], idx: Tensor | None,
     dense_fn: Callable[[Tensor], Tensor], options: EngineOptions = EngineOptions(),
+    dense_out: dict[Span, Tensor] | None = None,
 ) -> Tensor:
     """One sequence's FFN output [T, d]: dense spans through `dense_fn`, sparse spans with experts idx [ns, K].
 
@@ -177,11 +178,12 @@ def block_sparse_ffn(
     the layer in two launches), or 'auto' (Triton on CUDA, torch elsewhere). On a multi-core CPU with
     `options.block_parallel` the blocks are spread over `torch.get_num_threads()` workers, each
     running single-threaded BLAS (see `block_workers`): a 128-row GEMM splits poorly across cores,
-    whole blocks do not.
+    whole blocks do not. `dense_out` holds dense spans' outputs the caller already computed.
     """
     out = torch.empty_like(x)
     for s, e in dense_spans:
-        out[s:e] = dense_fn(x[s:e])
+        done = None if dense_out is None else dense_out.get((s, e))
+        out[s:e] = done if done is not None else dense_fn(x[s:e])
     if sparse_spans:
         assert idx is not None and idx.shape[0] == len(sparse_spans)
         if resolve_backend(options.backend, x, fused) == "triton":

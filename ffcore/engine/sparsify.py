@@ -19,8 +19,8 @@ from torch import Tensor, nn
 
 from ffcore.engine.layout import experts_for, split_blocks
 from ffcore.engine.plan import EngineOptions, SparsityPlan
-from ffcore.engine.policies import SelectContext, SelectionPolicy, make_policy
-from ffcore.engine.sparse_ffn import block_sparse_ffn, fused_ffn
+from ffcore.engine.policies import SelectContext, SelectionPolicy, griffin_scores, make_policy
+from ffcore.engine.sparse_ffn import block_sparse_ffn, dense_activations, fused_ffn
 from ffcore.models import cache_from_kwargs, decoder_layers, gated_mlps
 
 _SESSION_ATTR = "_ffcore_session"
@@ -35,6 +35,7 @@ class _RunState:
     options: EngineOptions
     n_layers: int
     offset: int = 0  # tokens already in the KV cache when the current forward started
+    first_scores: dict[tuple[int, int], Tensor] = dataclasses.field(default_factory=dict)  # (layer, row) -> [f]
     stats: dict[str, int] = dataclasses.field(default_factory=lambda: {"dense_tokens": 0, "sparse_tokens": 0})
 
 
@@ -65,22 +66,55 @@ class SparseMLP(nn.Module):
             dense, sparse = [], [(0, 1)]
         else:
             dense, sparse = split_blocks(T, plan.block_size, plan.dense_first, plan.dense_last, st.offset)
+        need_first = bool(getattr(st.policy, "needs_first_block", False))
         rows = []
         for b in range(x.shape[0]):
             xb = x[b]  # [T, d]
-            idx = None
+            idx, dense_out = None, {}
+            first = self._first_block(xb, dense, fused, b, decode, dense_out) if need_first else None
             if sparse:
-                ctx = SelectContext(self.layer, xb, sparse, k, fused, plan.block_size, decode, st.offset)
+                ctx = SelectContext(self.layer, xb, sparse, k, fused, plan.block_size, decode, st.offset, first)
                 idx = st.policy.select(ctx)
                 _check_idx(idx, len(sparse), k, fused.f, st.policy)
                 idx = idx.contiguous()  # policies may return expanded views (stride 0); kernels need rows
-            y = block_sparse_ffn(xb, fused, dense, sparse, idx, self.original, st.options)
+            y = block_sparse_ffn(xb, fused, dense, sparse, idx, self.original, st.options, dense_out)
             if plan.compensator is not None and sparse:
                 add_corrections(plan.compensator, self.layer, xb, y, sparse, idx)
             rows.append(y)
         st.stats["sparse_tokens"] += x.shape[0] * sum(e - s for s, e in sparse)
         st.stats["dense_tokens"] += x.shape[0] * sum(e - s for s, e in dense)
         return torch.stack(rows)
+
+
+    def _first_block(self, xb: Tensor, dense: list[tuple[int, int]], fused: Any, row: int, decode: bool,
+                     dense_out: dict[tuple[int, int], Tensor]) -> Tensor | None:
+        """GRIFFIN scores [f] of the sequence's first block: from its dense run at offset 0 (free), else remembered.
+
+        When the first block runs dense its intermediate activations come with its output (a hook on
+        down_proj), so the scores cost no extra FFN work and the output is written to `dense_out`. With
+        every block sparse (the Table 5 ablation) they need an extra dense pass over the first block.
+        """
+        st = self.state
+        if st.offset > 0 or decode:  # a suffix prefill or decode step: the scores of the prompt's first block
+            return st.first_scores.get((self.layer, row))
+        span = (0, min(st.plan.block_size, xb.shape[0]))
+        if span in dense:
+            seen: dict[str, Tensor] = {}
+
+            def keep_h(module: nn.Module, args: tuple) -> None:  # returns None: the input is not replaced
+                seen["h"] = args[0]
+
+            hook = self.original.down_proj.register_forward_pre_hook(keep_h)
+            try:
+                dense_out[span] = self.original(xb[span[0]:span[1]])
+            finally:
+                hook.remove()
+            h = seen["h"]  # [B, f] the first block's intermediate activations
+        else:
+            h = dense_activations(xb[span[0]:span[1]], fused)
+        scores = griffin_scores(h)
+        st.first_scores[(self.layer, row)] = scores
+        return scores
 
 
 def add_corrections(comp: Any, layer: int, x: Tensor, y: Tensor, spans: list[tuple[int, int]], idx: Tensor) -> None:
