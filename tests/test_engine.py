@@ -347,3 +347,21 @@ def test_unknown_activation_runs_on_torch_and_is_refused_by_triton():
     with pytest.raises(ValueError, match="activations without FFN biases"):
         sf.resolve_backend("triton", torch.zeros(1), fused_ffn(mlp))
     assert ref.shape[1] == 200
+
+
+def test_block_parallel_path_runs_under_inference_mode():
+    """Worker threads do not inherit inference mode; the engine hands it to them (it used to raise)."""
+    mlp = synthetic_mlp(64, 96)
+    fused = fused_ffn(mlp)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with torch.inference_mode():
+            x = torch.randn(5 * 32, 64)
+            dense, sparse = split_blocks(x.shape[0], 32, True, True)
+            idx = random_experts(len(sparse), 96, 40, seed=2)
+            par = sf.block_sparse_ffn(x, fused, dense, sparse, idx, mlp)
+            seq = sf.block_sparse_ffn(x, fused, dense, sparse, idx, mlp, EngineOptions(block_parallel=False))
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(par, seq, rtol=1e-5, atol=1e-6)

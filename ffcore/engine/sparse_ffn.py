@@ -237,11 +237,14 @@ def _sparse_parallel(x: Tensor, fused: FusedFFN, spans: Sequence[tuple[int, int]
     torch's thread count is process-wide: it is set to 1 for the duration and restored after,
     also on errors (torch releases the GIL inside each op, so the workers run in parallel).
     """
+    inference = torch.is_inference_mode_enabled()  # thread-local: the workers must run in the caller's mode
+
     def work(js: range) -> None:
         torch.set_num_threads(1)
-        for j in js:
-            s, e = spans[j]
-            sparse_block_forward(x[s:e], fused, idx[j], out=out[s:e])
+        with torch.inference_mode(inference):
+            for j in js:
+                s, e = spans[j]
+                sparse_block_forward(x[s:e], fused, idx[j], out=out[s:e])
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

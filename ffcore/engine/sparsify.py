@@ -128,6 +128,9 @@ def add_corrections(comp: Any, layer: int, x: Tensor, y: Tensor, spans: list[tup
             y[s:e] += comp(layer, x[s:e], idx[j])
         return
     c = batched(layer, x, spans, idx)  # [sum of span lengths, d], rows in span order
+    if all(spans[j][1] == spans[j + 1][0] for j in range(len(spans) - 1)):  # one contiguous range: one add
+        y[spans[0][0]:spans[-1][1]] += c
+        return
     row = 0
     for s, e in spans:
         y[s:e] += c[row:row + e - s]

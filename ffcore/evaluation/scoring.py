@@ -192,6 +192,48 @@ def paired_metric_change(
             "rel_change_pct": float(change), "ci": (lo, hi)}
 
 
+def _aligned(metric: str, *groups: Records, task: str = "continuation") -> tuple[list[str], list[np.ndarray]]:
+    """uids shared by every group of records and each group's metric values on them (in uid order)."""
+    maps = [{r["uid"]: float(r["metrics"][metric]) for r in g if r["task"] == task} for g in groups]
+    uids = sorted(set.intersection(*(set(m) for m in maps))) if maps else []
+    if not uids:
+        raise ValueError(f"no {task!r} sample is shared by all {len(groups)} configurations")
+    return uids, [np.array([m[u] for u in uids]) for m in maps]
+
+
+def paired_difference(
+    reference: Records, other: Records, metric: str = "kl", task: str = "continuation", n_boot: int = 2000,
+    level: float = 0.95, seed: int = 0,
+) -> dict[str, Any]:
+    """Mean of other - reference (a continuation metric), with a paired bootstrap CI over samples."""
+    uids, (a, b) = _aligned(metric, reference, other, task=task)
+    idx = np.random.default_rng(seed).integers(0, len(uids), size=(n_boot, len(uids)))
+    boot = (b[idx] - a[idx]).mean(1)
+    alpha = (1 - level) / 2
+    return {"metric": metric, "n": len(uids), "reference_mean": float(a.mean()), "other_mean": float(b.mean()),
+            "diff": float((b - a).mean()), "ci": (float(np.quantile(boot, alpha)), float(np.quantile(boot, 1 - alpha)))}
+
+
+def gap_closed(
+    baseline: Records, method: Records, oracle: Records, metric: str = "kl", task: str = "continuation",
+    n_boot: int = 2000, level: float = 0.95, seed: int = 0,
+) -> dict[str, Any]:
+    """Fraction of the baseline-to-oracle gap a method closes, (B - M) / (B - O) of the means, paired bootstrap CI.
+
+    1 = as good as the oracle, 0 = no better than the baseline, < 0 = worse than the baseline.
+    """
+    uids, (b, m, o) = _aligned(metric, baseline, method, oracle, task=task)
+    idx = np.random.default_rng(seed).integers(0, len(uids), size=(n_boot, len(uids)))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        point = (b.mean() - m.mean()) / (b.mean() - o.mean())
+        boot = (b[idx].mean(1) - m[idx].mean(1)) / (b[idx].mean(1) - o[idx].mean(1))
+    boot = boot[np.isfinite(boot)]
+    alpha = (1 - level) / 2
+    ci = (float(np.quantile(boot, alpha)), float(np.quantile(boot, 1 - alpha))) if boot.size else (float("nan"),) * 2
+    return {"metric": metric, "n": len(uids), "baseline_mean": float(b.mean()), "method_mean": float(m.mean()),
+            "oracle_mean": float(o.mean()), "closed": float(point), "ci": ci}
+
+
 @dataclasses.dataclass
 class TaskSelection:
     """Which tasks a model's dense scores make worth measuring (see `select_tasks`)."""

@@ -39,7 +39,7 @@ import tokenize as pytokenize
 from typing import Any, Callable, Sequence
 
 from ffcore.config import StrictConfig
-from ffcore.data import documents
+from ffcore.data import documents, family_of
 from ffcore.evaluation.metrics import edit_similarity
 
 SUITE_NAME = "ffcore-local"
@@ -545,6 +545,51 @@ def _code_rows(tokenizer: Any, cfg: SuiteConfig) -> list[dict[str, Any]]:
 
 
 # ----------------------------------------------------------------- long-document continuation
+
+
+def continuation_windows(
+    tokenizer: Any, domains: Sequence[str], n_per_domain: int, context_tokens: int, continuation_tokens: int,
+    greedy_tokens: int = 16, seed: int = 0, split: str = "eval",
+) -> list[dict[str, Any]]:
+    """Continuation rows (a window of a domain's text, the true next tokens scored teacher-forced), n per domain.
+
+    Windows of a domain come from consecutive documents of `split` starting at a random document
+    (`seed`); every row's `meta` names its domain and family, so results can be split in-domain vs
+    out-of-domain by whoever trained the parts being evaluated.
+    """
+    bos = [tokenizer.bos_token_id] if getattr(tokenizer, "bos_token_id", None) is not None else []
+    vocab = len(tokenizer)
+    rows = []
+    for domain in domains:
+        ds = documents(domain, split)
+        docs = list(zip(ds["doc_id"], ds["text"]))
+        if not docs:
+            raise ValueError(f"domain {domain!r} has no {split} documents")
+        need = context_tokens + continuation_tokens - len(bos)
+        for i in range(n_per_domain):
+            rng = _rng(seed, f"continuation/{domain}", i)
+            start = rng.randrange(len(docs))
+            ids: list[int] = []
+            used = []
+            for k in range(len(docs)):
+                doc_id, text = docs[(start + k) % len(docs)]
+                ids += tokenizer(text + "\n\n", add_special_tokens=False)["input_ids"]
+                used.append(doc_id)
+                if len(ids) >= need:
+                    break
+            if len(ids) < need:
+                raise ValueError(f"the {split} split of {domain} holds fewer than {need} tokens")
+            ids = bos + ids[:need]
+            prompt_ids, target_ids = ids[:context_tokens], ids[context_tokens:]
+            rows.append(make_row(
+                seed=seed, task="continuation", category=TASKS["continuation"].category, kind="continuation",
+                metric="token_acc", prompt=tokenizer.decode(prompt_ids, skip_special_tokens=True),
+                prompt_ids=prompt_ids, answers=[tokenizer.decode(target_ids, skip_special_tokens=True)],
+                target_ids=target_ids, chance=1.0 / vocab, max_new_tokens=greedy_tokens,
+                meta={"budget": context_tokens, "source": domain, "domain": domain, "family": family_of(domain),
+                      "doc_ids": used},
+            ))
+    return rows
 
 
 def _continuation_rows(tokenizer: Any, cfg: SuiteConfig) -> list[dict[str, Any]]:

@@ -5,20 +5,26 @@ continuation-NLL sanity check and the verdict text.
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 from ffcore.collect import CollectConfig, Collection, load_collection_dir
 from ffcore.config import StrictConfig
-from ffcore.data import token_samples
+from ffcore.data import FAMILIES, domains_of, family_of, token_samples
 from ffcore.decoding import continuation_nll
 from ffcore.engine import SparsityPlan
+from ffcore.evaluation.runner import RunConfig, evaluate
+from ffcore.evaluation.scoring import gap_closed, paired_difference
+from ffcore.evaluation.suite import continuation_windows
 from ffcore.experiments.profiles import pick
 from ffcore.models import model_slug
-from ffcore.predictor import ExpertPredictor, PredictorConfig, load_predictor
+from ffcore.predictor import (ExpertPredictor, PredictorConfig, TrainResult, load_predictor, predict_scores,
+                              selection_metrics, train_predictor)
 from ffcore.results import out_dirs
 
 
@@ -54,78 +60,195 @@ def load_profile_predictor(model_key: str, profile: str, model: nn.Module | None
 
 
 # ------------------------------------------------------------------------------ profiles
+# The two families the deployed predictor and compensators never see: one prose, one code. Notebooks 05-08
+# report their items as out of domain; notebook 03's leave-one-family-out folds hold out every family in turn.
+HELD_OUT = ("fiction", "go-rust")
+SMOKE_FAMILIES = ("manuals", "python")  # built from the two domains every machine has (and networkx)
+
+
 @dataclasses.dataclass
 class Notebook03Settings(StrictConfig):
-    """Per-profile sizes for notebook 03 (collection, training, sanity check)."""
+    """Per-profile sizes of notebook 03.
 
+    families:        the corpus families used (all ten in quick/full; a leave-one-family-out fold each).
+    held_out:        families the deployed predictor never sees (out-of-domain items of notebooks 05-08).
+    train / heldout: what is collected (domains of `families`, train and eval splits).
+    plain / prior:   the two predictors: the paper's, and ours that also reads the prompt's first block.
+    curve_fractions: fractions of the training blocks for the learning curve.
+    kl_windows:      continuation windows per family for the end-to-end KL (kl_ctx context + kl_cont scored).
+    """
+
+    families: tuple[str, ...]
+    held_out: tuple[str, ...]
     train: CollectConfig
     heldout: CollectConfig
-    predictor: PredictorConfig
-    nll_samples: int
-    nll_ctx: int
-    nll_cont: int
+    plain: PredictorConfig
+    prior: PredictorConfig
+    curve_fractions: tuple[float, ...]
+    kl_windows: int
+    kl_ctx: int
+    kl_cont: int
+    density: float = 0.5
+    nll_samples: int = 2
+    nll_ctx: int = 1024
+    nll_cont: int = 64
+
+    def __post_init__(self) -> None:
+        for name in ("train", "heldout"):
+            if isinstance(getattr(self, name), dict):
+                setattr(self, name, CollectConfig.from_dict(getattr(self, name)))
+        for name in ("plain", "prior"):
+            if isinstance(getattr(self, name), dict):
+                setattr(self, name, PredictorConfig.from_dict(getattr(self, name)))
+        self.families, self.held_out = tuple(self.families), tuple(self.held_out)
+        self.curve_fractions = tuple(self.curve_fractions)
+        if not set(self.held_out) <= set(self.families):
+            raise ValueError(f"held-out families {self.held_out} must be among {self.families}")
+
+    @property
+    def train_families(self) -> tuple[str, ...]:
+        """The families the deployed predictor is trained on."""
+        return tuple(f for f in self.families if f not in self.held_out)
 
 
 def settings(profile: str, seed: int = 0) -> Notebook03Settings:
-    """The notebook-03 settings of a profile (smoke: tiny models in seconds; full: ~8 min on 2 idle CPU cores).
-
-    Collection dominates the cost (one dense forward per token); in development runs on
-    smollm2-135m, 48 training samples beat 32 (held-out captured mass 0.953 vs 0.945), so
-    `full` uses as many as the runtime target allows.
-    """
+    """The notebook-03 settings of a profile (smoke: tiny models in seconds; full: both real models)."""
+    families = pick(profile, SMOKE_FAMILIES, tuple(FAMILIES), tuple(FAMILIES))
+    held_out = pick(profile, ("python",), HELD_OUT, HELD_OUT)
+    domains = domains_of(families)
     seq = pick(profile, 512, 1024, 1024)
-    train = CollectConfig(split="train", n_samples=pick(profile, 6, 16, 40), seq_len=seq, seed=seed)
-    heldout = CollectConfig(split="eval", n_samples=pick(profile, 3, 6, 6), seq_len=seq, seed=seed)
-    pcfg = PredictorConfig(seed=seed, mean_pool_epochs=pick(profile, 30, 40, 40), max_epochs=pick(profile, 2, 2, 2),
-                           batch_blocks=pick(profile, 4, 32, 32))
-    return Notebook03Settings(train, heldout, pcfg, nll_samples=pick(profile, 1, 2, 3),
-                              nll_ctx=pick(profile, 384, 1024, 1024), nll_cont=pick(profile, 32, 64, 64))
+    train = CollectConfig(split="train", n_samples=pick(profile, 8, 72, 144), seq_len=seq, seed=seed, sources=domains,
+                          tokens_per_block=16, samples_per_shard=pick(profile, 4, 12, 12), batch_size=2)
+    heldout = CollectConfig(split="eval", n_samples=pick(profile, 4, 36, 36), seq_len=seq, seed=seed, sources=domains,
+                            tokens_per_block=16, samples_per_shard=pick(profile, 4, 12, 12), batch_size=2)
+    common = dict(seed=seed, mean_pool_epochs=pick(profile, 10, 30, 30), max_epochs=0,
+                  batch_blocks=pick(profile, 4, 32, 32), patience=pick(profile, 3, 4, 4))
+    return Notebook03Settings(
+        families=families, held_out=held_out, train=train, heldout=heldout,
+        plain=PredictorConfig(**common), prior=PredictorConfig(**common, prior=True, bias=True),
+        curve_fractions=pick(profile, (0.5, 1.0), (0.125, 0.25, 0.5, 1.0), (0.0625, 0.125, 0.25, 0.5, 1.0)),
+        kl_windows=pick(profile, 1, 2, 2), kl_ctx=pick(profile, 384, 1024, 1024), kl_cont=pick(profile, 16, 64, 64),
+        nll_samples=pick(profile, 1, 2, 2), nll_ctx=pick(profile, 384, 1024, 1024), nll_cont=pick(profile, 32, 64, 64),
+    )
 
 
-# ------------------------------------------------------------------------------ notebook helpers
-def mean_rows(rows: Sequence[dict[str, Any]], model_key: str) -> list[dict[str, Any]]:
-    """The layer-averaged rows of `selection_metrics`, tagged with the model (the Table 7 analogue)."""
-    return [{"model": model_key, "policy": r["policy"], "density": r["density"], "k": r["k"],
-             "recall": round(r["recall"], 4), "mass": round(r["mass"], 4)} for r in rows if r["layer"] == -1]
+# ------------------------------------------------------------------------------ training sets and folds
+def fold_families(families: Sequence[str], held_out: Sequence[str]) -> dict[str, tuple[str, ...]]:
+    """Training families of every fold: 'deployed' (all but `held_out`) and one leave-one-family-out fold per family."""
+    folds = {"deployed": tuple(f for f in families if f not in held_out)}
+    folds.update({f"without {f}": tuple(g for g in families if g != f) for f in families})
+    return folds
 
 
-def sanity_nll(
-    model: nn.Module, tokenizer: Any, predictor: ExpertPredictor, n_samples: int, ctx_len: int, cont_len: int,
-    density: float = 0.5, seed: int = 0, policies: Sequence[str] = ("dense", "oracle", "predictor", "first_block_static"),
+def train_fold(
+    train: Collection, families: Sequence[str], cfgs: Mapping[str, PredictorConfig], meta: dict[str, Any] | None = None,
+    fraction: float = 1.0, seed: int = 0,
+) -> dict[str, TrainResult]:
+    """Train each predictor variant on the training blocks of `families` (a random `fraction` of their samples)."""
+    part = train.of_domains(domains_of(families))
+    if fraction < 1.0:
+        samples = part.sample.unique()
+        keep = samples[torch.randperm(len(samples), generator=torch.Generator().manual_seed(seed))]
+        keep = keep[: max(2, round(fraction * len(samples)))]
+        part = part.subset(torch.isin(part.sample, keep))
+    fold_meta = {**(meta or {}), "families": list(families), "fraction": fraction}
+    return {name: train_predictor(part, cfg, meta=fold_meta, progress=False) for name, cfg in cfgs.items()}
+
+
+def offline_rows(
+    held: Collection, predictors: Mapping[str, ExpertPredictor], prior: Tensor, trained_on: Sequence[str],
+    density: float = 0.5, seed: int = 0,
 ) -> list[dict[str, Any]]:
-    """Continuation NLL on eval samples after a sparse prefill (first/last block dense) for each policy."""
-    ids = token_samples(tokenizer, "eval", ctx_len + cont_len, n_samples, seed=seed)["input_ids"]  # [n, T]
+    """Captured oracle mass and recall per family of `held` for every policy, tagged in/out of `trained_on`."""
     rows = []
-    for name in policies:
-        t0 = time.time()
-        plan = None if name == "dense" else SparsityPlan(
-            densities=density, policy=predictor if name == "predictor" else name, seed=seed)
-        nll = continuation_nll(model, ids, ctx_len, plan)
-        rows.append({"policy": name, "density": 1.0 if name == "dense" else density, "nll": round(nll, 5),
-                     "seconds": round(time.time() - t0, 1)})
-    dense = rows[0]["nll"] if rows and rows[0]["policy"] == "dense" else None
-    for r in rows:
-        r["rel_change_pct"] = None if dense is None else round(100 * (r["nll"] / dense - 1), 2)
+    for family in dict.fromkeys(family_of(d) for d in held.block_domains()):
+        part = held.of_domains(FAMILIES[family])
+        scores = {name: predict_scores(p, part) for name, p in predictors.items()}
+        for r in selection_metrics(part, scores, prior, (density,), seed=seed):
+            if r["layer"] == -1:
+                rows.append({"family": family, "in_domain": family in trained_on, "policy": r["policy"],
+                             "density": density, "recall": round(r["recall"], 4), "mass": round(r["mass"], 4),
+                             "blocks": int((part.position > 0).sum())})
     return rows
 
 
-def verdict(table: Sequence[dict[str, Any]], density: float = 0.5) -> str:
-    """A Markdown paragraph comparing the predictor with first-block static, computed from `mean_rows` output."""
-    lines = []
-    for model_key in dict.fromkeys(r["model"] for r in table):
-        get = {r["policy"]: r for r in table if r["model"] == model_key and r["density"] == density}
-        p, s, g = get.get("predictor"), get.get("first_block_static"), get.get("global_static")
-        if p is None or s is None:
-            continue
-        beats = p["mass"] > s["mass"]
-        gl = f"; the prompt-independent global-static prior captures {g['mass']:.3f}" if g else ""
-        lines.append(
-            f"- **{model_key}** at {density:.0%} density: the trained predictor captures **{p['mass']:.3f}** of the "
-            f"oracle's importance mass (recall {p['recall']:.3f}) vs **{s['mass']:.3f}** (recall {s['recall']:.3f}) "
-            f"for first-block static{gl}. The predictor "
-            + ("**beats** first-block static." if beats else "does **not** beat first-block static.")
-        )
-    return "\n".join(lines)
+# ------------------------------------------------------------------------------ end-to-end: continuation KL
+def kl_windows(tokenizer: Any, families: Sequence[str], n: int, ctx: int, cont: int, seed: int = 0) -> list[dict]:
+    """`n` continuation windows per family (eval split), cycling over the family's installed domains."""
+    rows = []
+    for family in families:
+        doms = domains_of([family])
+        picks = [doms[i % len(doms)] for i in range(n)]
+        for dom in dict.fromkeys(picks):
+            rows += continuation_windows(tokenizer, [dom], picks.count(dom), ctx, cont, seed=seed)
+    return rows
+
+
+def window_family(row: Mapping[str, Any]) -> str:
+    """The family a continuation row (from `kl_windows`) was drawn from."""
+    return json.loads(row["meta"])["family"] if isinstance(row["meta"], str) else row["meta"]["family"]
+
+
+def kl_runs(
+    model: nn.Module, tokenizer: Any, windows: Sequence[dict], folds: Mapping[str, Mapping[str, ExpertPredictor]],
+    density: float, cache: Path | None, run: RunConfig | None = None,
+) -> dict[str, list[dict[str, Any]]]:
+    """Continuation records of dense, first-block static, the oracle (every window), and every fold's predictors.
+
+    A leave-one-family-out fold's predictors run on the windows of the family it left out (out of domain);
+    the deployed ones on the windows of the families they were trained on (in domain).
+    """
+    def plan(policy: Any) -> SparsityPlan:
+        return SparsityPlan(densities=density, policy=policy)
+
+    out = {name: evaluate(model, tokenizer, windows, None if name == "dense" else plan(name), cache, run)
+           for name in ("dense", "first_block_static", "oracle")}
+    for fold, preds in folds.items():
+        if fold.startswith("without "):
+            rows = [w for w in windows if window_family(w) == fold.removeprefix("without ")]
+        else:
+            trained = set(preds[next(iter(preds))].meta.get("families", []))
+            rows = [w for w in windows if window_family(w) in trained]
+        for name, pred in preds.items():
+            out[f"{name} [{fold}]"] = evaluate(model, tokenizer, rows, plan(pred), cache, run)
+    return out
+
+
+def kl_table(
+    runs: Mapping[str, Sequence[dict]], windows: Sequence[dict], variants: Sequence[str], n_boot: int = 2000,
+    seed: int = 0,
+) -> list[dict[str, Any]]:
+    """Per family and pooled (in / out of domain): mean KL of each policy and the gap to the oracle each closes.
+
+    Out of domain, a variant's records are its leave-one-family-out fold's on that family; in domain, the
+    deployed predictor's. `closed` = (KL_FBS - KL) / (KL_FBS - KL_oracle), with a paired bootstrap CI.
+    """
+    fam = {w["uid"]: window_family(w) for w in windows}
+    rows = []
+    for variant in variants:
+        for scope in ("out of domain", "in domain"):
+            recs = []
+            for name, rs in runs.items():
+                if not name.startswith(f"{variant} ["):
+                    continue
+                fold = name[len(variant) + 2:-1]
+                if (scope == "out of domain") == fold.startswith("without "):
+                    recs += [r for r in rs if r["task"] == "continuation"]
+            if not recs:
+                continue
+            for family in [None, *dict.fromkeys(fam[r["uid"]] for r in recs)]:
+                sel = [r for r in recs if family is None or fam[r["uid"]] == family]
+                uids = {r["uid"] for r in sel}
+                base = [r for r in runs["first_block_static"] if r["uid"] in uids]
+                orc = [r for r in runs["oracle"] if r["uid"] in uids]
+                g = gap_closed(base, sel, orc, n_boot=n_boot, seed=seed)
+                d = paired_difference(base, sel, n_boot=n_boot, seed=seed)
+                rows.append({"variant": variant, "scope": scope, "family": family or "all", "n": g["n"],
+                             "kl": round(g["method_mean"], 5), "kl_first_block_static": round(g["baseline_mean"], 5),
+                             "kl_oracle": round(g["oracle_mean"], 5), "gap_closed": round(g["closed"], 4),
+                             "gap_closed_ci": [round(x, 4) for x in g["ci"]],
+                             "kl_minus_fbs": round(d["diff"], 5), "kl_minus_fbs_ci": [round(x, 5) for x in d["ci"]]})
+    return rows
 
 
 def nll_verdict(nll_rows: Sequence[dict[str, Any]]) -> str:
