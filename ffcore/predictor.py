@@ -128,12 +128,21 @@ def first_block_prior(first_scores: Tensor, eps: float = 1e-6) -> Tensor:
     return z - z.mean(-1, keepdim=True)
 
 
+def standardize(s: Tensor) -> Tensor:
+    """Scores on a common scale, per row over the neurons: zero mean, unit standard deviation ([..., f])."""
+    return (s - s.mean(-1, keepdim=True)) / s.std(-1, keepdim=True).clamp_min(1e-6)
+
+
 class ExpertPredictor(nn.Module):
     """Per-layer expert predictors, stacked over layers; also a `SelectionPolicy` (name 'predictor').
 
-    With `prior=True` (beyond the paper) the scores also read the prompt's own first block, which
-    runs dense anyway so its oracle (GRIFFIN) scores are free: `s = ReLU(a W1) W2 + g * z (+ b2)`,
-    `z = first_block_prior(first-block scores)`, `g` a learned per-neuron gain [L, f].
+    Two ways (beyond the paper) to read the prompt's own first block, which runs dense anyway so its
+    oracle (GRIFFIN) scores are free, `z = first_block_prior(first-block scores)`:
+
+    * `prior=True`: a learned term, `s = ReLU(a W1) W2 + g * z (+ b2)`, `g` a per-neuron gain [L, f];
+    * `blend=w`: a fixed, untrained blend of the two rankings, `standardize(z) + w * standardize(s)`
+      (see `with_blend`). Trained in domain, the learned gain leans on the MLP; the blend keeps
+      the first block's evidence at a fixed weight, which is what carries out of domain.
     """
 
     name = "predictor"
@@ -149,6 +158,7 @@ class ExpertPredictor(nn.Module):
         self.b1 = nn.Parameter(torch.zeros(L, r)) if bias else None
         self.b2 = nn.Parameter(torch.zeros(L, f)) if bias else None
         self.pg = nn.Parameter(torch.zeros(L, f)) if prior else None  # gain on the first block's log scores
+        self.blend: float | None = None  # weight of the MLP's scores in a blend with the first block's (None: none)
         self.meta: dict[str, Any] = dict(meta or {})
         if prior:
             self.name = "predictor+first-block"
@@ -166,7 +176,15 @@ class ExpertPredictor(nn.Module):
     @property
     def needs_first_block(self) -> bool:
         """The engine hands `SelectContext.first_scores` to policies that say so."""
-        return self.prior
+        return self.prior or self.blend is not None
+
+    def _blended(self, s: Tensor, z: Tensor | None) -> Tensor:
+        """The blend of the MLP's scores with the first block's (unchanged without a blend)."""
+        if self.blend is None:
+            return s
+        if z is None:
+            raise ValueError("a blended predictor reads the first block's scores: pass them")
+        return standardize(z.to(s)) + self.blend * standardize(s)
 
     def _prior(self, layers: slice | int, z: Tensor | None) -> Tensor | float:
         if self.pg is None:
@@ -179,11 +197,12 @@ class ExpertPredictor(nn.Module):
         """Scores of every layer: X [n, L, N, d] (every token of each block), Z [n, L, f] (prior) -> s [n, L, f]."""
         p = self.q
         s = pool_and_score(X.to(p.dtype), self.q, self.w1, self.w2, self.b1, self.b2)
-        return s + self._prior(slice(None), Z)
+        return self._blended(s + self._prior(slice(None), Z), Z)
 
     def pooled_scores(self, A: Tensor, Z: Tensor | None = None) -> Tensor:
         """Scores from mean-pooled inputs A [n, L, d] (exact when q = 0, the default training), Z [n, L, f] -> [n, L, f]."""
-        return mlp_scores(A.to(self.q.dtype), self.w1, self.w2, self.b1, self.b2) + self._prior(slice(None), Z)
+        s = mlp_scores(A.to(self.q.dtype), self.w1, self.w2, self.b1, self.b2) + self._prior(slice(None), Z)
+        return self._blended(s, Z)
 
     def layer_scores(self, layer: int, xb: Tensor, z: Tensor | None = None) -> Tensor:
         """Scores of one layer for equal-length spans: xb [nb, n, d], z [f] or [nb, f] -> s [nb, f]."""
@@ -199,7 +218,7 @@ class ExpertPredictor(nn.Module):
             hid = hid + self.b1[layer]
         s = hid.relu() @ self.w2[layer]  # [nb, f]
         s = s if self.b2 is None else s + self.b2[layer]
-        return s + self._prior(layer, z)
+        return self._blended(s + self._prior(layer, z), z)
 
     def span_scores(self, layer: int, x: Tensor, spans: Sequence[tuple[int, int]], z: Tensor | None = None) -> Tensor:
         """Scores of every span of x [T, d] at once (spans of any lengths, one pass): [n_spans, f]."""
@@ -218,19 +237,33 @@ class ExpertPredictor(nn.Module):
     @torch.no_grad()
     def select(self, ctx: SelectContext) -> Tensor:
         """Top-K predicted experts of every sparse span of ctx.x (any span lengths, one batched pass): [n_spans, K]."""
-        z = first_block_prior(ctx.first_scores) if self.prior else None
+        z = first_block_prior(ctx.first_scores) if self.needs_first_block else None
         s = self.span_scores(ctx.layer, ctx.x, ctx.spans, z)  # [n_spans, f]
         return topk_sorted(s, ctx.k).to(ctx.x.device)
 
     def __repr__(self) -> str:
         return (f"ExpertPredictor(L={self.L}, d={self.d}, f={self.f}, r={self.r}, bias={self.bias}, "
-                f"prior={self.prior})")
+                f"prior={self.prior}, blend={self.blend})")
+
+
+def with_blend(pred: ExpertPredictor, weight: float = 1.0) -> ExpertPredictor:
+    """The same trained predictor (weights shared, not copied) blending its ranking with the first block's."""
+    if weight < 0:
+        raise ValueError(f"the blend weight must be >= 0, got {weight}")
+    out = ExpertPredictor(pred.L, pred.d, pred.f, pred.r, bias=False, prior=False, meta=dict(pred.meta))
+    for name, param in pred.named_parameters():
+        setattr(out, name, param)  # the very same Parameter objects
+    out.blend = float(weight)
+    out.name = f"{pred.name}, blended with the first block (w={weight:g})"
+    out.meta["blend"] = float(weight)
+    return out.eval()
 
 
 # ------------------------------------------------------------------------------ artifacts
 def save_predictor(pred: ExpertPredictor, folder: Path, stem: str = ARTIFACT_STEM) -> Path:
     """Write `<stem>.safetensors` (all layers) and `<stem>.json` (metadata) into `folder`."""
-    meta = {**pred.meta, "L": pred.L, "d": pred.d, "f": pred.f, "r": pred.r, "bias": pred.bias, "prior": pred.prior}
+    meta = {**pred.meta, "L": pred.L, "d": pred.d, "f": pred.f, "r": pred.r, "bias": pred.bias, "prior": pred.prior,
+            "blend": pred.blend}
     return save_artifact(pred, folder, stem, meta)
 
 
@@ -239,7 +272,7 @@ def load_predictor(folder: Path, model: nn.Module | None = None, stem: str = ART
     meta, state = read_artifact(folder, stem, "predictor", "03", model)
     pred = ExpertPredictor(meta["L"], meta["d"], meta["f"], meta["r"], meta["bias"], meta.get("prior", False), meta=meta)
     pred.load_state_dict(state)
-    return pred.eval()
+    return pred.eval() if meta.get("blend") is None else with_blend(pred.eval(), meta["blend"])
 
 
 # ------------------------------------------------------------------------------ training
@@ -486,7 +519,7 @@ def predict_scores(pred: ExpertPredictor, coll: Collection, batch: int = 64) -> 
     A predictor whose attention query is zero pools by the mean (the collection's `pooled`, exact);
     one with a learned query needs every token's X.
     """
-    Z = first_block_prior(coll.scores[coll.first_rows()]) if pred.prior else None  # [n, L, f]
+    Z = first_block_prior(coll.scores[coll.first_rows()]) if pred.needs_first_block else None  # [n, L, f]
     zb = (lambda i: None if Z is None else Z[i : i + batch])
     if not bool(pred.q.any()):
         A = coll.mean_inputs()

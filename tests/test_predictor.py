@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from ffcore.engine.plan import SparsityPlan
 from ffcore.engine.policies import SelectContext, SelectionPolicy, griffin_scores, topk_sorted
 from ffcore.predictor import (
     ExpertPredictor, LabelConfig, PredictorConfig, first_block_prior, load_predictor, make_labels, pool_and_score,
+    standardize, with_blend,
     predictor_flop_share, predictor_meta, predictor_rank, predict_scores, save_predictor, selection_metrics,
     train_predictor, weighted_bce,
 )
@@ -287,3 +289,34 @@ def test_first_block_prior_predictor_trains_and_the_engine_feeds_it(compact):
         model(ids[:, :300])
     h.remove()
     torch.testing.assert_close(first[0], griffin_scores(dense_activations(hook_x["x"], fused)), atol=1e-5, rtol=1e-4)
+
+
+def test_blend_with_the_first_block_shares_weights_and_ranks_by_both(compact):
+    model, c = compact
+    small = c["compact"]
+    res = train_predictor(small, PredictorConfig(mean_pool_epochs=5, max_epochs=0, batch_blocks=8), progress=False)
+    plain = res.predictor
+    blended = with_blend(plain, 1.0)
+    assert blended.w2 is plain.w2 and blended.needs_first_block and not plain.needs_first_block
+    assert SparsityPlan(0.5, policy=blended).key() != SparsityPlan(0.5, policy=plain).key()
+    x = torch.randn(300, 64)
+    spans = [(128, 256), (256, 300)]
+    fs = torch.rand(256)
+    z = first_block_prior(fs)
+    s = blended.span_scores(1, x, spans, z)
+    ref = standardize(z) + standardize(plain.span_scores(1, x, spans))
+    torch.testing.assert_close(s, ref)
+    # offline form: the blend of the collection's first-block scores and the MLP's
+    off = predict_scores(blended, small)
+    zz = first_block_prior(small.scores[small.first_rows()])
+    torch.testing.assert_close(off, standardize(zz) + standardize(predict_scores(plain, small)), atol=1e-5, rtol=1e-5)
+    # weight 0 is first-block static exactly; a saved blend loads as a blend
+    fbs = with_blend(plain, 0.0).span_scores(1, x, spans, z)
+    assert torch.equal(fbs.topk(50).indices.sort().values, standardize(z).expand(2, -1).topk(50).indices.sort().values)
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:
+        save_predictor(blended, Path(tmp))
+        again = load_predictor(Path(tmp))
+    assert again.blend == 1.0 and torch.equal(again.w1, plain.w1)
+    with pytest.raises(ValueError, match="blend"):
+        with_blend(plain, -1.0)
