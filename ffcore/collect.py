@@ -42,7 +42,7 @@ from torch import Tensor, nn
 
 from safetensors import safe_open
 from safetensors.torch import save_file
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from ffcore.config import StrictConfig
 from ffcore.data import DOMAINS, SOURCES, SPLITS, token_samples

@@ -58,7 +58,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from ffcore.artifacts import read_artifact, save_artifact
 from ffcore.collect import Collection

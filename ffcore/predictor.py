@@ -40,7 +40,7 @@ from typing import Any, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from ffcore import flops
 from ffcore.artifacts import read_artifact, save_artifact

@@ -152,7 +152,7 @@ def run_notebooks(profile: str, seed: int = 0, only: Sequence[str] | None = None
                   progress: bool = True, kernel: str | None = None) -> list[NotebookRecord]:
     """Execute the selected notebooks in order; return one record each, or raise NotebookFailed."""
     import papermill as pm
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
 
     records = plan(profile, only=only, root=root, start=start)
     root = records[0].source.parent.parent

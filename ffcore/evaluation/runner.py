@@ -263,7 +263,7 @@ def evaluate(
 def _progress(items: list[Any], on: bool, desc: str) -> Any:
     if not on or not items:
         return items
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
 
     return tqdm(items, desc=desc, leave=False)
 

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from ffcore.collect import CollectConfig, Collection, load_collection_dir
 from ffcore.config import StrictConfig
-from ffcore.data import FAMILIES, SOURCES, domains_of, family_of, token_samples
+from ffcore.data import FAMILIES, SOURCES, SPLITS, corpus, domains_of, family_of, token_samples
 from ffcore.decoding import continuation_nll
 from ffcore.engine import SparsityPlan
 from ffcore.evaluation.runner import RunConfig, evaluate
@@ -24,7 +24,7 @@ from ffcore.evaluation.suite import continuation_windows
 from ffcore.experiments.profiles import pick
 from ffcore.models import model_slug
 from ffcore.predictor import (ExpertPredictor, PredictorConfig, TrainResult, load_predictor, predict_scores,
-                              selection_metrics, train_predictor)
+                              save_predictor, selection_metrics, train_predictor)
 from ffcore.results import out_dirs
 
 
@@ -54,9 +54,48 @@ def predictor_dir(model_key: str, profile: str) -> Path:
     return model_artifacts(model_key, profile)
 
 
-def load_profile_predictor(model_key: str, profile: str, model: nn.Module | None = None) -> ExpertPredictor:
-    """Notebook 03's predictor of a model (refused for a model with another fingerprint)."""
-    return load_predictor(predictor_dir(model_key, profile), model)
+PREDICTOR_STEMS = {"deployed": "predictor", "paper": "predictor_paper"}
+
+
+def load_profile_predictor(model_key: str, profile: str, model: nn.Module | None = None,
+                           variant: str = "deployed") -> ExpertPredictor:
+    """Notebook 03's predictor of a model: 'deployed' (the one later notebooks run) or 'paper' (eqs. 12-13 alone).
+
+    Refused for a model with another fingerprint.
+    """
+    if variant not in PREDICTOR_STEMS:
+        raise ValueError(f"unknown predictor variant {variant!r}; choose one of {sorted(PREDICTOR_STEMS)}")
+    return load_predictor(predictor_dir(model_key, profile), model, PREDICTOR_STEMS[variant])
+
+
+def save_profile_predictors(model_key: str, profile: str, paper: ExpertPredictor, deployed: ExpertPredictor) -> None:
+    """Write the paper's predictor and the deployed one (the same weights when the blend is not chosen)."""
+    save_predictor(paper, predictor_dir(model_key, profile), PREDICTOR_STEMS["paper"])
+    save_predictor(deployed, predictor_dir(model_key, profile), PREDICTOR_STEMS["deployed"])
+
+
+def lodo_offline_rows(
+    held: Collection, train: Collection, fold_preds: Mapping[str, Mapping[str, ExpertPredictor]],
+    folds: Mapping[str, Sequence[str]], density: float = 0.5, seed: int = 0,
+) -> list[dict[str, Any]]:
+    """Every leave-one-family-out fold's predictors on the family it left out (offline, captured mass and recall)."""
+    rows = []
+    for fold, preds in fold_preds.items():
+        if not fold.startswith("without "):
+            continue
+        family = fold.removeprefix("without ")
+        prior = train.of_domains(domains_of(folds[fold])).scores.mean(0)  # the fold's own global-static prior
+        rows += offline_rows(held.of_domains(FAMILIES[family]), preds, prior, folds[fold], density, seed)
+    return rows
+
+
+def choose_deployed(kl_rows: Sequence[dict[str, Any]], model: str, variants: Sequence[str] = ("predictor", "blend")) -> str:
+    """The variant with the lower pooled out-of-domain KL for one model (the one notebooks 04-08 run)."""
+    pooled = {r["variant"]: r["kl"] for r in kl_rows
+              if r["model"] == model and r["scope"] == "out of domain" and r["family"] == "all" and r["variant"] in variants}
+    if not pooled:
+        raise ValueError(f"no pooled out-of-domain KL for {model}")
+    return min(pooled, key=pooled.get)
 
 
 # ------------------------------------------------------------------------------ profiles
@@ -118,17 +157,17 @@ def settings(profile: str, seed: int = 0) -> Notebook03Settings:
     # smoke: only the two built-in domains, so a run is the same on every machine, corpus installed or not
     domains = SOURCES if profile == "smoke" else domains_of(families)
     seq = pick(profile, 512, 1024, 1024)
-    train = CollectConfig(split="train", n_samples=pick(profile, 8, 72, 144), seq_len=seq, seed=seed, sources=domains,
+    train = CollectConfig(split="train", n_samples=pick(profile, 8, 36, 108), seq_len=seq, seed=seed, sources=domains,
                           tokens_per_block=16, samples_per_shard=pick(profile, 4, 12, 12), batch_size=2)
-    heldout = CollectConfig(split="eval", n_samples=pick(profile, 4, 36, 36), seq_len=seq, seed=seed, sources=domains,
+    heldout = CollectConfig(split="eval", n_samples=pick(profile, 4, 18, 36), seq_len=seq, seed=seed, sources=domains,
                             tokens_per_block=16, samples_per_shard=pick(profile, 4, 12, 12), batch_size=2)
     common = dict(seed=seed, mean_pool_epochs=pick(profile, 10, 30, 30), max_epochs=0,
                   batch_blocks=pick(profile, 4, 32, 32), patience=pick(profile, 3, 4, 4))
     return Notebook03Settings(
         families=families, held_out=held_out, train=train, heldout=heldout,
         plain=PredictorConfig(**common), prior=PredictorConfig(**common, prior=True, bias=True),
-        curve_fractions=pick(profile, (0.5, 1.0), (0.125, 0.25, 0.5, 1.0), (0.0625, 0.125, 0.25, 0.5, 1.0)),
-        kl_windows=pick(profile, 1, 2, 2), kl_ctx=pick(profile, 384, 1024, 1024), kl_cont=pick(profile, 16, 64, 64),
+        curve_fractions=pick(profile, (0.5, 1.0), (0.25, 0.5, 1.0), (0.125, 0.25, 0.5, 1.0)),
+        kl_windows=pick(profile, 1, 1, 2), kl_ctx=pick(profile, 384, 1024, 1024), kl_cont=pick(profile, 16, 64, 64),
         nll_samples=pick(profile, 1, 2, 2), nll_ctx=pick(profile, 384, 1024, 1024), nll_cont=pick(profile, 32, 64, 64),
     )
 
@@ -170,6 +209,47 @@ def offline_rows(
                 rows.append({"family": family, "in_domain": family in trained_on, "policy": r["policy"],
                              "density": density, "recall": round(r["recall"], 4), "mass": round(r["mass"], 4),
                              "blocks": int((part.position > 0).sum())})
+    return rows
+
+
+def corpus_table(families: Sequence[str], domains: Sequence[str]) -> list[dict[str, Any]]:
+    """Per domain used: family, held-out documents per split and characters (what the collections draw from)."""
+    rows = []
+    for fam in families:
+        for dom in (d for d in FAMILIES[fam] if d in domains):
+            ds = corpus(dom)
+            split = list(ds["split"])
+            rows.append({"family": fam, "domain": dom, "documents": len(ds),
+                         "characters": sum(len(t) for t in ds["text"]),
+                         **{f"{s}_docs": split.count(s) for s in SPLITS}})
+    return rows
+
+
+def learning_curve(
+    train: Collection, held: Collection, families: Sequence[str], out_families: Sequence[str], cfg: PredictorConfig,
+    fractions: Sequence[float], model: nn.Module | None = None, tokenizer: Any = None,
+    windows: Sequence[dict] = (), kl_fractions: Sequence[float] = (), cache: Path | None = None,
+    run: RunConfig | None = None, density: float = 0.5, seed: int = 0,
+) -> list[dict[str, Any]]:
+    """Held-out captured mass (in domain: eval blocks of `families`; out: of `out_families`) against training size.
+
+    At `kl_fractions` also the continuation KL on `windows` of the out-of-domain families (the model runs).
+    """
+    rows = []
+    held_in, held_out = held.of_domains(domains_of(families)), held.of_domains(domains_of(out_families))
+    for frac in fractions:
+        res = train_fold(train, families, {"plain": cfg}, fraction=frac, seed=seed)["plain"]
+        t = res.predictor.meta["training"]
+        for scope, part in (("in domain", held_in), ("out of domain", held_out)):
+            m = {r["policy"]: r for r in selection_metrics(part, predict_scores(res.predictor, part), None, (density,),
+                                                           seed=seed) if r["layer"] == -1}
+            row = {"fraction": frac, "blocks": t["train_blocks"], "scope": scope, "mass": round(m["predictor"]["mass"], 4),
+                   "fbs_mass": round(m["first_block_static"]["mass"], 4), "kl": None, "seconds": t["seconds"]}
+            if scope == "out of domain" and frac in kl_fractions and model is not None:
+                recs = evaluate(model, tokenizer, list(windows), SparsityPlan(densities=density, policy=res.predictor),
+                                cache, run)
+                row["kl"] = round(sum(r["metrics"]["kl"] for r in recs) / len(recs), 5)
+            rows.append(row)
     return rows
 
 
@@ -250,6 +330,54 @@ def kl_table(
                              "gap_closed_ci": [round(x, 4) for x in g["ci"]],
                              "kl_minus_fbs": round(d["diff"], 5), "kl_minus_fbs_ci": [round(x, 5) for x in d["ci"]]})
     return rows
+
+
+def _ci(lo_hi: Sequence[float], pct: bool = False) -> str:
+    lo, hi = lo_hi
+    return f"[{100 * lo:+.0f}, {100 * hi:+.0f}] %" if pct else f"[{lo:+.4f}, {hi:+.4f}]"
+
+
+def kl_verdict(rows: Sequence[dict[str, Any]], variants: Sequence[str]) -> str:
+    """Markdown: per model and variant, pooled KL against first-block static and the gap to the oracle it closes."""
+    lines = []
+    for model in dict.fromkeys(r["model"] for r in rows):
+        for variant in variants:
+            for scope in ("out of domain", "in domain"):
+                pooled = [r for r in rows if r["model"] == model and r["variant"] == variant and r["scope"] == scope
+                          and r["family"] == "all"]
+                if not pooled:
+                    continue
+                r = pooled[0]
+                lo, hi = r["kl_minus_fbs_ci"]
+                side = ("**below** first-block static" if hi < 0 else "**above** first-block static" if lo > 0
+                        else "not resolved against first-block static")
+                fams = [x for x in rows if x["model"] == model and x["variant"] == variant and x["scope"] == scope
+                        and x["family"] != "all"]
+                below = sum(x["kl"] < x["kl_first_block_static"] for x in fams)
+                lines.append(
+                    f"- **{model}**, {variant}, {scope} ({r['n']} windows): KL {r['kl']:.4f} vs {r['kl_first_block_static']:.4f} "
+                    f"(first-block static) and {r['kl_oracle']:.4f} (oracle): {side} (difference {r['kl_minus_fbs']:+.4f}, "
+                    f"95 % CI {_ci(r['kl_minus_fbs_ci'])}); it closes **{100 * r['gap_closed']:.0f} %** of the gap from "
+                    f"first-block static to the oracle (CI {_ci(r['gap_closed_ci'], pct=True)}); point estimate below "
+                    f"first-block static on {below} of {len(fams)} families.")
+    return "\n".join(lines)
+
+
+def offline_verdict(rows: Sequence[dict[str, Any]], variants: Sequence[str]) -> str:
+    """Markdown: per model, the layer-mean captured mass of each variant vs first-block static, in and out of domain."""
+    lines = []
+    for model in dict.fromkeys(r["model"] for r in rows):
+        for scope, flag in (("out of domain", False), ("in domain", True)):
+            sel = [r for r in rows if r["model"] == model and r["in_domain"] == flag]
+            if not sel:
+                continue
+            mean = {p: sum(r["mass"] for r in sel if r["policy"] == p) / max(1, sum(r["policy"] == p for r in sel))
+                    for p in dict.fromkeys(r["policy"] for r in sel)}
+            parts = ", ".join(f"{v} {mean[v]:.3f}" for v in variants if v in mean)
+            lines.append(f"- **{model}**, {scope} (mean over families): captured mass {parts}; first-block static "
+                         f"{mean.get('first_block_static', float('nan')):.3f}, global static "
+                         f"{mean.get('global_static', float('nan')):.3f}, random {mean.get('random', float('nan')):.3f}.")
+    return "\n".join(lines)
 
 
 def nll_verdict(nll_rows: Sequence[dict[str, Any]]) -> str:

@@ -23,7 +23,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from ffcore import flops
 from ffcore.bench import FFNBenchConfig, bench_ffn, bench_ttft
