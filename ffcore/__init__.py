@@ -18,6 +18,9 @@ _EXPORTS = {
     "SparsityPlan": "ffcore.engine",
     "EngineOptions": "ffcore.engine",
     "dense_plan": "ffcore.engine",
+    "fit": "ffcore.fit",
+    "FitConfig": "ffcore.fit",
+    "FastForward": "ffcore.bundle",
 }
 __all__ = [*_EXPORTS, "__version__"]
 

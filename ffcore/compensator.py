@@ -340,8 +340,8 @@ class DistillData:
     level: Tensor  # [n, L, P] int64 grid index of each stored density
     rank: dict[str, Tensor]  # mask source -> [n, L, f] int32 neuron rank (0 = most important)
     scale: Tensor  # [L] fp32
-    densities: tuple[float, ...]  # the grid
-    ks: tuple[int, ...]  # kept experts at each grid density
+    densities: tuple[tuple[float, ...], ...]  # the grid of every layer ([L][J]; the same row everywhere for a global grid)
+    ks: tuple[tuple[int, ...], ...]  # kept experts at each layer's grid densities ([L][J])
     sample: Tensor  # [n] sample index (for the train/validation split)
     position: Tensor  # [n] block position within its sample
     layers: list[int]
@@ -360,18 +360,46 @@ class DistillData:
         """Dropped-neuron masks [b, L, f] (float) of blocks `rows` at their stored densities `slots` [b, L]."""
         b, L = slots.shape
         lv = self.level[rows.unsqueeze(1), torch.arange(L), slots]  # [b, L] grid index
-        ks = torch.tensor(self.ks)[lv]  # [b, L]
+        ks = torch.tensor(self.ks)[torch.arange(L), lv]  # [L, J] indexed by (layer, level) -> [b, L]
         return (self.rank[source][rows] >= ks.unsqueeze(-1)).float()
 
 
 @torch.no_grad()
+def density_grid(densities: Sequence[float] | Sequence[Sequence[float]], n_layers: int) -> tuple[tuple[float, ...], ...]:
+    """A per-layer density grid [L][J] (each row sorted) from one grid for every layer or one row per layer."""
+    rows = [tuple(densities)] * n_layers if all(isinstance(x, (int, float)) for x in densities) else \
+        [tuple(r) for r in densities]
+    if len(rows) != n_layers:
+        raise ValueError(f"the density grid has {len(rows)} rows for {n_layers} layers")
+    grid = tuple(tuple(sorted(float(x) for x in r)) for r in rows)
+    if not grid[0] or len({len(r) for r in grid}) != 1:
+        raise ValueError("every layer's density grid must have the same, non-zero number of densities")
+    if any(not 0.0 < x <= 1.0 for r in grid for x in r):
+        raise ValueError(f"densities must lie in (0, 1], got {grid}")
+    return grid
+
+
+def _grid_json(grid: Sequence[Sequence[float]]) -> list[Any]:
+    """A grid for metadata: the one row when every layer shares it, else every row."""
+    return list(grid[0]) if all(tuple(r) == tuple(grid[0]) for r in grid) else [list(r) for r in grid]
+
+
+def schedule_grid(schedules: Sequence[Sequence[float]]) -> tuple[tuple[float, ...], ...]:
+    """The densities each layer runs at under the deployed schedules: one schedule per budget -> [L][n_budgets]."""
+    return density_grid(list(zip(*schedules)), len(schedules[0]))
+
+
+@torch.no_grad()
 def distill_data(
-    model: nn.Module, coll: Collection, sources: Mapping[str, Tensor], densities: Sequence[float] = TRAIN_DENSITIES,
+    model: nn.Module, coll: Collection, sources: Mapping[str, Tensor],
+    densities: Sequence[float] | Sequence[Sequence[float]] = TRAIN_DENSITIES,
     tokens_per_block: int | None = 64, levels_per_block: int | None = 2, skip_first: bool = True, seed: int = 0,
     chunk: int = 16, progress: bool = True,
 ) -> DistillData:
     """Distillation targets from a collection: errors of oracle / predictor masks at grid densities.
 
+    `densities` is one grid for every layer, or one row per layer (`schedule_grid`: the densities the
+    deployed layer-wise schedules give each layer, so every layer trains where it will run).
     `sources` maps a name to scores [n_blocks, L, f] aligned with `coll` (see `mask_sources`);
     `tokens_per_block` random tokens of each block are kept (None: all). Blocks are processed in
     random chunks of `chunk`; every (chunk, layer) stores `levels_per_block` random densities of the
@@ -383,10 +411,8 @@ def distill_data(
         raise ValueError("the collection was loaded without X")
     if not sources:
         raise ValueError("no mask sources given")
-    densities = tuple(sorted(float(r) for r in densities))
-    if not densities or any(not 0.0 < r < 1.0 for r in densities):
-        raise ValueError(f"densities must lie in (0, 1), got {densities}")
-    J = len(densities)
+    grid = density_grid(densities, len(coll.layers))
+    J = len(grid[0])
     P = J if levels_per_block is None else int(levels_per_block)
     if not 1 <= P <= J:
         raise ValueError(f"levels_per_block must be in [1, {J}] (the grid size), got {levels_per_block}")
@@ -396,7 +422,7 @@ def distill_data(
     n, (_, L, B, d) = len(rows), coll.X.shape
     mlps = [gated_mlps(model)[layer] for layer in coll.layers]
     f = fused_ffn(mlps[0]).f
-    ks = tuple(experts_for(r, f) for r in densities)
+    ks = tuple(tuple(experts_for(r, f) for r in row) for row in grid)  # [L][J]
     T = B if tokens_per_block is None else min(B, int(tokens_per_block))
     g = torch.Generator().manual_seed(seed)
     tok = torch.rand(n, B, generator=g).argsort(-1)[:, :T].sort(-1).values  # [n, T] sampled token positions
@@ -423,14 +449,14 @@ def distill_data(
             for s, sc in sources.items():
                 order, rk = _ranks(sc[rows[ids], li].to(dev))  # [c, f]
                 rank[s][ids, li] = rk.cpu().to(torch.int32)
-                layer_err[s][ids] = dropped_errors(h, fused.w_down_t, order, [ks[j] for j in lv.tolist()]).cpu()
+                layer_err[s][ids] = dropped_errors(h, fused.w_down_t, order, [ks[li][j] for j in lv.tolist()]).cpu()
         ms = torch.stack([e.pow(2).mean() for e in layer_err.values()]).mean()
         scale[li] = ms.sqrt().clamp_min(1e-12)
         for s in sources:
             scaled = layer_err[s] / scale[li]  # [n, P, T, d]
             energy[s][:, li] = scaled.pow(2).sum((-1, -2))
             err[s][:, li] = scaled.to(torch.float16)
-    return DistillData(Xs, err, energy, level, rank, scale, densities, ks, coll.sample[rows].clone(),
+    return DistillData(Xs, err, energy, level, rank, scale, grid, ks, coll.sample[rows].clone(),
                        coll.position[rows].clone(), list(coll.layers))
 
 
@@ -448,6 +474,7 @@ class CompensatorConfig(StrictConfig):
 
     variant: str = "plain"
     rank: int | None = None  # None: d // 8 (paper)
+    shrink: bool = True  # scale each layer's correction by its least-squares gain on the validation blocks, in [0, 1]
     act: str = "silu"
     bias: bool = False
     phases: tuple[str, ...] = SOURCES
@@ -634,7 +661,7 @@ def train_compensator(
     comp.meta = {
         **(meta or {}), "variant": cfg.variant, "L": L, "d": d, "f": f, "r": comp.r, "act": cfg.act, "bias": cfg.bias,
         "training": {
-            **cfg.to_dict(), "densities": list(data.densities), "levels_per_block": int(data.level.shape[-1]),
+            **cfg.to_dict(), "densities": _grid_json(data.densities), "levels_per_block": int(data.level.shape[-1]),
             "tokens_per_block": T, "train_blocks": int(len(tr)), "val_blocks": int(len(va)),
             "train_tokens": int(len(tr)) * T, "init": None if init is None else init.name,
             "epochs_per_phase": {s: sum(1 for h in hist if h["phase"] == s and h["epoch"] > 0) for s in cfg.phases},
@@ -644,7 +671,38 @@ def train_compensator(
         },
     }
     comp.requires_grad_(False)
+    gains = shrink_to_validation(comp, data, va, cfg.phases[-1]) if cfg.shrink else None
+    comp.meta["training"]["shrink_gains"] = None if gains is None else [round(g, 4) for g in gains.tolist()]
     return TrainResult(comp.eval(), hist, trainer.best_epoch, time.time() - t0)
+
+
+@torch.no_grad()
+def shrink_to_validation(comp: ErrorCompensator, data: DistillData, rows: Tensor, source: str = "predictor",
+                         batch: int = 32) -> Tensor:
+    """Scale every layer's correction by alpha_l = clip(<c, e> / <c, c>, 0, 1) on validation blocks (folded into W2).
+
+    alpha is the least-squares optimal gain of the correction on held-out blocks at the stored densities:
+    a layer whose correction points away from the error gets alpha = 0 (switched off), one that overshoots
+    is shrunk, so the held-out error with the compensator is never above the error without it (per layer,
+    on that data). Returns alpha [L].
+    """
+    L, P = data.X.shape[1], data.level.shape[-1]
+    ce, cc = torch.zeros(L), torch.zeros(L)
+    for a in range(0, len(rows), batch):
+        r = rows[a : a + batch]
+        for p in range(P):
+            slots = torch.full((len(r), L), p, dtype=torch.long)
+            e = data.err[source][r.unsqueeze(1).expand(-1, L), torch.arange(L).expand(len(r), L), slots].float()
+            e = e * data.scale.view(1, L, 1, 1)  # [b, L, T, d] back to FFN-output units
+            drop = data.drop_mask(source, r, slots) if comp.variant == "masked" else None
+            c = comp.correction(data.X[r], drop).float()  # [b, L, T, d]
+            ce += (c * e).sum((0, 2, 3))
+            cc += c.pow(2).sum((0, 2, 3))
+    alpha = (ce / cc.clamp_min(1e-30)).clamp(0.0, 1.0)
+    comp.w2.mul_(alpha.view(L, 1, 1).to(comp.w2))
+    if comp.b2 is not None:
+        comp.b2.mul_(alpha.view(L, 1).to(comp.b2))
+    return alpha
 
 
 # ------------------------------------------------------------------------------ held-out metrics

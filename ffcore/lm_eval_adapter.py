@@ -97,13 +97,34 @@ def build_plan(sparsity: Any = 0.0, policy: Any = "oracle", block_size: Any = 12
 
 
 def plan_from_bundle(bundle: str | Path, model: nn.Module, plan: SparsityPlan | None) -> SparsityPlan:
-    """The plan of a trained FastForward bundle (predictor, compensator, schedule) on `model`: not wired yet."""
-    raise NotImplementedError(
-        f"ffcore: bundle={str(bundle)!r}: loading a trained FastForward bundle needs "
-        "`ffcore.FastForward.from_pretrained`, which does not exist yet. For now load the parts with "
-        "ffcore.predictor.load_predictor / ffcore.compensator.load_compensator and pass "
-        "FFCoreLM(pretrained=model, tokenizer=tok, plan=SparsityPlan(...)) from Python."
-    )
+    """The deployed plan of a FastForward bundle on `model` at the model_args' sparsity (schedule, predictor, compensator).
+
+    `plan` is what the other model_args built (None: sparsity 0); its sparsity must lie in the bundle's trained
+    range, its block size must be the bundle's, and `sparse_decode` / `seed` carry over. The bundle's predictor
+    selects the experts, so a `policy` other than the default is refused.
+    """
+    from ffcore.bundle import FastForward  # imported on use: only a bundle run needs the bundle reader
+
+    ff = FastForward.from_pretrained(bundle, model)  # refuses another model's bundle, corrupt weights, missing fields
+    if plan is None:
+        sparsity = 0.0
+    elif not isinstance(plan.densities, (int, float)):
+        raise ValueError(f"ffcore: bundle={str(bundle)!r} takes one sparsity; the per-layer densities come from "
+                         "the bundle's schedule")
+    else:
+        sparsity = round(1.0 - float(plan.densities), 9)
+    if plan is not None and plan.policy_name != "oracle":  # "oracle" is build_plan's default
+        raise ValueError(f"ffcore: bundle={str(bundle)!r} selects experts with its trained predictor; drop "
+                         f"policy={plan.policy_name}")
+    if plan is not None and plan.block_size != ff.block_size:
+        raise ValueError(f"ffcore: bundle={str(bundle)!r} was fit with block_size={ff.block_size}; pass "
+                         f"block_size={ff.block_size} (got {plan.block_size})")
+    try:
+        ff.check_sparsity(sparsity)
+    except ValueError as e:
+        raise ValueError(f"ffcore: bundle={str(bundle)!r}: {e}") from None
+    changes = {} if plan is None else {"sparse_decode": plan.sparse_decode, "seed": plan.seed}
+    return ff.plan(sparsity, **changes)
 
 
 def _quiet_preloaded(record: logging.LogRecord) -> bool:

@@ -262,11 +262,61 @@ def test_stock_hflm_inside_sparsify_prefills_context_plus_continuation_minus_its
     ({"sparsity": 0.5, "batch_size": 4}, ValueError, "padded batches"),
     ({"sparsity": 0.5, "batch_size": "auto"}, ValueError, "padded batches"),
     ({"dtype": "int8"}, ValueError, "dtype"),
-    ({"bundle": "/nonexistent/bundle"}, NotImplementedError, r"ffcore\.FastForward\.from_pretrained"),
+    ({"bundle": "/nonexistent/bundle"}, FileNotFoundError, "not a FastForward bundle"),
 ])
 def test_bad_model_args(args: dict[str, Any], error: type[Exception], match: str) -> None:
     with pytest.raises(error, match=match):
         adapter.FFCoreLM(**{"pretrained": "tiny-llama", **args})
+
+
+# ---------------------------------------------------------------- bundle= (a fitted FastForward bundle)
+@pytest.fixture(scope="module")
+def bundle(tiny: tuple[Any, Any], tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Path]:
+    """A small FastForward bundle fit on tiny-llama (block size 32, sparsity range 0.3-0.5)."""
+    from pydoc_data.topics import topics
+
+    model, tok = tiny
+    cfg = ffcore.FitConfig(seq_len=128, block_size=32, calib_samples=2, train_samples=4, val_samples=0,
+                           predictor={"mean_pool_epochs": 2, "max_epochs": 0, "batch_blocks": 8},
+                           compensator={"max_epochs": 1, "warm_epochs": 1, "batch_blocks": 4, "patience": 1})
+    out = tmp_path_factory.mktemp("bundle")
+    ff = ffcore.fit(model, tok, [topics[k] for k in sorted(topics)][:60], out, cfg, progress=False)
+    return ff, out
+
+
+def test_bundle_model_arg_runs_the_bundles_plan(tiny: tuple[Any, Any], bundle: tuple[Any, Path]) -> None:
+    """bundle=<folder>,sparsity=s is FastForward.from_pretrained(folder, model).plan(s): schedule, predictor, compensator."""
+    model, tok = tiny
+    ff, folder = bundle
+    lm = adapter.FFCoreLM(pretrained="tiny-llama", bundle=str(folder), sparsity=0.4, block_size=32)
+    expected = ff.plan(0.4)
+    assert lm.plan.key() == expected.key() and lm.plan.describe() == expected.describe()
+    assert lm.plan.policy.name == "predictor" and lm.plan.compensator is not None
+    assert len(lm.plan.densities) == 4 and sum(lm.plan.densities) / 4 == pytest.approx(0.6)
+    ctx = _context()
+    (ll, _), = lm.loglikelihood([_instance("loglikelihood", (ctx, " forty two"))], disable_tqdm=True)
+    assert ll == pytest.approx(hand_loglikelihood(model, tok, expected, ctx, " forty two"), abs=1e-4)
+    assert lm.engine_stats["sparse_tokens"] > 0
+    assert lm.get_model_info()["ffcore_plan_key"] == expected.key()
+    decode = adapter.FFCoreLM(pretrained=model, tokenizer=tok, bundle=str(folder), sparsity=0.5, block_size=32,
+                              sparse_decode=True)
+    assert decode.plan.sparse_decode and decode.plan.densities == ff.plan(0.5).densities
+
+
+@pytest.mark.parametrize(("args", "match"), [
+    ({"sparsity": 0.7, "block_size": 32}, r"outside this bundle's trained range \[0\.3, 0\.5\]"),
+    ({"sparsity": 0.0, "block_size": 32}, r"outside this bundle's trained range \[0\.3, 0\.5\]"),
+    ({"sparsity": 0.4}, "was fit with block_size=32; pass block_size=32"),
+    ({"sparsity": 0.4, "block_size": 32, "policy": "random"}, "drop policy=random"),
+])
+def test_bundle_model_arg_refusals(bundle: tuple[Any, Path], args: dict[str, Any], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        adapter.FFCoreLM(pretrained="tiny-llama", bundle=str(bundle[1]), **args)
+
+
+def test_bundle_of_another_model_is_refused(bundle: tuple[Any, Path]) -> None:
+    with pytest.raises(ValueError, match="fingerprint"):
+        adapter.FFCoreLM(pretrained="tiny-qwen3", bundle=str(bundle[1]), sparsity=0.4, block_size=32)
 
 
 def test_a_model_without_a_gated_mlp_is_refused(tiny: tuple[Any, Any]) -> None:

@@ -6,10 +6,11 @@ from typing import Any, Sequence
 import matplotlib.pyplot as plt
 from matplotlib.ticker import MaxNLocator, PercentFormatter
 
-COMP_ORDER = ("none", "plain", "masked", "specialist")
-COMP_COLORS = {"none": "#7f7f7f", "plain": "#1f77b4", "masked": "#d62728", "specialist": "#2ca02c"}
+COMP_ORDER = ("none", "before", "plain", "masked", "specialist")
+COMP_COLORS = {"none": "#7f7f7f", "before": "#9ecae1", "plain": "#1f77b4", "masked": "#d62728", "specialist": "#2ca02c"}
 COMP_LABELS = {
-    "none": "no compensation", "plain": "plain compensator (paper)", "masked": "mask-conditioned (ours)",
+    "none": "no compensation", "plain": "plain compensator (paper), schedule densities + gain",
+    "masked": "mask-conditioned (ours)", "before": "plain, earlier: 0.5-0.7 grid, no gain",
     "specialist": "plain, trained at one density",
 }
 
@@ -124,10 +125,11 @@ def across_densities(table: Sequence[dict[str, Any]], source: str = "predictor",
             if not sel:
                 continue
             dens = [r["density"] for r in sel]
-            axes[0, col].plot(dens, [r["rel_err"] for r in sel], marker="o", color=COMP_COLORS[comp],
+            ls = "--" if comp == "before" else "-"
+            axes[0, col].plot(dens, [r["rel_err"] for r in sel], marker="o", ls=ls, color=COMP_COLORS[comp],
                               label=COMP_LABELS[comp])
             if comp != "none":
-                axes[1, col].plot(dens, [r["reduction"] for r in sel], marker="o", color=COMP_COLORS[comp],
+                axes[1, col].plot(dens, [r["reduction"] for r in sel], marker="o", ls=ls, color=COMP_COLORS[comp],
                                   label=COMP_LABELS[comp])
         for ax in axes[:, col]:
             ax.axvspan(*trained, color="#bbbbbb", alpha=0.25, lw=0, label="trained density range")
