@@ -18,8 +18,8 @@ _EXPORTS = {
     "SparsityPlan": "ffcore.engine",
     "EngineOptions": "ffcore.engine",
     "dense_plan": "ffcore.engine",
-    "fit": "ffcore.fit",
-    "FitConfig": "ffcore.fit",
+    "fit": "ffcore.fitting",
+    "FitConfig": "ffcore.fitting",
     "FastForward": "ffcore.bundle",
 }
 __all__ = [*_EXPORTS, "__version__"]

@@ -37,6 +37,18 @@ from ffcore.models import decoder_layers, model_fingerprint
 
 
 
+IMPORTANCES = ("window", "literal")
+
+
+def sink_visible_queries(T: int, block_size: int, window: int | None) -> int:
+    """How many of a T-token prompt's queries can attend to any key of the first block.
+
+    A query at t sees keys max(0, t - W + 1) .. t (transformers' convention), so it reaches the first
+    block's last key (B - 1) iff t <= W + B - 2: min(T, W + B - 1) queries; every query without a window.
+    """
+    return T if window is None else min(T, window + block_size - 1)
+
+
 # ---------------------------------------------------------------------------- checks
 def check_seq_len(seq_len: int, block_size: int = BLOCK_SIZE) -> None:
     """Raise a clear error when a sample is too short to have a sink block and a non-sink block."""
@@ -267,9 +279,21 @@ class CalibrationResult:
         """Received mass per block averaged over heads: `[n_samples, L, nb]`."""
         return self.block_mass.mean(dim=2)
 
-    def scores(self) -> list[float]:
-        """The paper's s_i (eq. 23): mass on non-first blocks, summed over queries, mean over heads and samples."""
-        return self.head_mean()[..., 1:].sum(-1).mean(0).tolist()
+    def scores(self, importance: str = "literal") -> list[float]:
+        """Layer importance s_i: 'literal' (the paper's eq. 23) or 'window' (window-aware, see `sink_visible_queries`).
+
+        literal: mass on non-first blocks, summed over queries, mean over heads and samples (= T - sink mass).
+        window:  T times the mean non-sink share over the queries that can see the sink block at all,
+                 T * (1 - sink mass / n_visible); equal to the literal s_i on full-attention layers.
+        """
+        if importance not in IMPORTANCES:
+            raise ValueError(f"unknown importance {importance!r}; choose one of {IMPORTANCES}")
+        if importance == "literal":
+            return self.head_mean()[..., 1:].sum(-1).mean(0).tolist()
+        sink = self.head_mean()[..., 0].mean(0)  # [L] mass received by block 1, summed over queries
+        n_vis = torch.tensor([sink_visible_queries(self.seq_len, self.block_size, w) for w in self.layer_windows],
+                             dtype=sink.dtype)
+        return (self.seq_len * (1.0 - sink / n_vis)).tolist()
 
     def first_block_share(self) -> list[float]:
         """Share of all attention (every row sums to 1, so T per head) landing on block 1, per layer."""
@@ -306,11 +330,12 @@ class CalibrationResult:
         }
 
     def calibration_info(self) -> dict[str, Any]:
-        """The provenance a schedule carries: model, fingerprint, samples, lengths, seed and s_i."""
+        """The provenance a schedule carries: model, fingerprint, samples, lengths, seed, s_i both ways and windows."""
         return {
             "model": self.model, "fingerprint": self.fingerprint, "n_samples": self.n_samples,
             "seq_len": self.seq_len, "block_size": self.block_size, "seed": self.seed,
-            "sources": list(self.sources), "split": "calibration", "s_i": self.scores(),
+            "sources": list(self.sources), "split": "calibration", "s_i": self.scores("literal"),
+            "s_i_window": self.scores("window"), "layer_windows": list(self.layer_windows),
         }
 
     def summary(self) -> dict[str, Any]:

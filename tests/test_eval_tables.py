@@ -66,7 +66,7 @@ def comps(tiny, tmp_path, monkeypatch):
     dims = model_dims(model)
     s_i = [float(i + 1) for i in range(dims["L"])]
     write_json(schedule_name("tiny-llama"), {
-        "model": "tiny-llama", "fingerprint": model_fingerprint(model), "calibration": {"s_i": s_i},
+        "model": "tiny-llama", "fingerprint": model_fingerprint(model), "calibration": {"s_i": s_i, "s_i_window": s_i}, "importance": "window",
         "min_density": 0.05, "order": "sorted",
         "schedules": [{"budget": b, "densities": layerwise_schedule(s_i, b)} for b in (0.7, 0.6, 0.5)],
     }, "smoke")

@@ -68,25 +68,33 @@ def schedule_name(model_key: str) -> str:
     return "02_schedule_" + re.sub(r"[^A-Za-z0-9_.-]+", "_", key)
 
 
+IMPORTANCE_KEYS = {"window": "s_i_window", "literal": "s_i"}  # which stored s_i each importance uses
+DEFAULT_IMPORTANCE = "window"  # our schedules use the window-aware importance; "literal" is the paper's eq. 23
+
+
 def save_schedules(
     calib: "CalibrationResult", profile: str, budgets: Sequence[float] = (0.7, 0.6, 0.5),
     min_density: float = DEFAULT_MIN_DENSITY, order: str = "sorted",
 ) -> Path:
-    """Write one model's schedules for all `budgets` (with the calibration's provenance) as JSON."""
+    """Write one model's schedules for all `budgets`, by both importances (with the calibration's provenance), as JSON.
+
+    `densities` is the default (window-aware) schedule; `densities_literal` the one from the paper's s_i.
+    """
     info = calib.calibration_info()
-    s = info["s_i"]
     plans = []
     for b in budgets:
         b = check_budget(b)
+        s, lit = info["s_i_window"], info["s_i"]
         plans.append({
             "budget": b, "sparsity": round(1.0 - b, 6),
             "densities": layerwise_schedule(s, b, min_density=min_density, order=order),
-            "literal_layer_order": algorithm1(s, b, order="layer"),  # the paper's walk, no floor
+            "densities_literal": layerwise_schedule(lit, b, min_density=min_density, order=order),
+            "literal_layer_order": algorithm1(lit, b, order="layer"),  # the paper's walk on its s_i, no floor
             "capped_layers": [i for i, x in enumerate(algorithm1(s, b)) if x >= 1.0 - 1e-12],
             "uniform": uniform_schedule(len(s), b),
         })
     payload = {
-        "model": info["model"], "fingerprint": info["fingerprint"], "calibration": info,
+        "model": info["model"], "fingerprint": info["fingerprint"], "calibration": info, "importance": DEFAULT_IMPORTANCE,
         "min_density": min_density, "order": order, "schedules": plans,
     }
     return write_json(schedule_name(info["model"]), payload, profile,
@@ -95,13 +103,17 @@ def save_schedules(
 
 def load_schedule(
     model: nn.Module | str, budget: float, profile: str, fingerprint: str | None = None,
+    importance: str = DEFAULT_IMPORTANCE,
 ) -> list[float]:
     """Per-layer densities for `model` at `budget`, refusing a file calibrated on another model.
 
     `model` is a loaded model (its key is `model.ffcore_name`, its fingerprint is computed), or a
-    key string together with `fingerprint`. A budget not stored in the file is recomputed from the
-    stored s_i with the stored floor and order; budget 1.0 is all-dense.
+    key string together with `fingerprint`. `importance` picks the window-aware (default) or the
+    paper's literal s_i. A budget not stored in the file is recomputed from the stored s_i with the
+    stored floor and order; budget 1.0 is all-dense.
     """
+    if importance not in IMPORTANCE_KEYS:
+        raise ValueError(f"unknown importance {importance!r}; choose one of {sorted(IMPORTANCE_KEYS)}")
     budget = check_budget(budget)
     if isinstance(model, nn.Module):
         key = getattr(model, "ffcore_name", None)
@@ -122,10 +134,13 @@ def load_schedule(
             f"model {doc.get('model')!r} with fingerprint {doc.get('fingerprint')}, but this model "
             f"({key!r}) has fingerprint {fingerprint}: re-run notebook 02 for this model"
         )
+    field = "densities" if importance == doc.get("importance", "literal") else f"densities_{importance}"
     for plan in doc["schedules"]:
-        if abs(plan["budget"] - budget) < 1e-9:
-            return list(plan["densities"])
-    s = doc["calibration"]["s_i"]
+        if abs(plan["budget"] - budget) < 1e-9 and field in plan:
+            return list(plan[field])
+    s = doc["calibration"].get(IMPORTANCE_KEYS[importance])
+    if s is None:
+        raise ValueError(f"{schedule_name(key)} has no {importance!r} importance: re-run notebook 02")
     if budget >= 1.0:
         return [1.0] * len(s)
     return layerwise_schedule(s, budget, min_density=doc["min_density"], order=doc["order"])
