@@ -95,7 +95,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         first, state, _ = FULL.prefill(model, ids)
         new = greedy_decode(model, first, state, args.max_new_tokens, eos=eos_ids(model, tok))
     print(tok.decode(new, skip_special_tokens=True))
-    n_sparse = sparse_token_count(T, plan.block_size, plan.dense_first, plan.dense_last)
+    n_sparse = sum(e - s for s, e in plan.spans(T)[1])
     print("---")
     if args.rounds < 1:
         return 0

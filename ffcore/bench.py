@@ -39,6 +39,7 @@ class FFNBenchConfig(StrictConfig):
     block_size: int = BLOCK_SIZE
     dense_first: bool = True
     dense_last: bool = True
+    dense_tail: str = "full"
     seed: int = 0
 
 
@@ -70,7 +71,7 @@ def bench_ffn(mlp: nn.Module, cfg: FFNBenchConfig, label: str = "",
     rows = []
     for T in cfg.tokens:
         x = torch.randn(T, d, generator=torch.Generator().manual_seed(cfg.seed), dtype=torch.float32).to(dtype)
-        dense_spans, sparse_spans = split_blocks(T, cfg.block_size, cfg.dense_first, cfg.dense_last)
+        dense_spans, sparse_spans = split_blocks(T, cfg.block_size, cfg.dense_first, cfg.dense_last, tail=cfg.dense_tail)
         for density in cfg.densities:
             k = experts_for(density, f)
             idx = random_experts(len(sparse_spans), f, k, cfg.seed)
@@ -82,7 +83,7 @@ def bench_ffn(mlp: nn.Module, cfg: FFNBenchConfig, label: str = "",
                 run_sparse()[: cfg.block_size], mlp(x)[: cfg.block_size], rtol=1e-4, atol=1e-4)
             rec = interleaved({"dense": lambda: mlp(x), "sparse": run_sparse}, cfg.repeats, cfg.warmup)
             speed = ratio(rec, "dense", "sparse")
-            ideal = ffn_ideal_speedup(T, k / f, cfg.block_size, cfg.dense_first, cfg.dense_last)
+            ideal = ffn_ideal_speedup(T, k / f, cfg.block_size, cfg.dense_first, cfg.dense_last, cfg.dense_tail)
             rows.append({
                 "model": label, "d": d, "f": f, "T": T, "density": density, "k": k,
                 **rec.summary("dense", 1e3, "_ms"), **rec.summary("sparse", 1e3, "_ms"), **speed,

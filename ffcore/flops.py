@@ -39,8 +39,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ffcore.config import StrictConfig
-from ffcore.engine.layout import (BLOCK_SIZE, block_spans, compensator_rank, predictor_rank, sparse_token_count,
-                                  split_blocks)
+from ffcore.engine.layout import BLOCK_SIZE, block_spans, compensator_rank, predictor_rank, sparse_token_count
 from ffcore.engine.plan import SparsityPlan
 from ffcore.models import OFFLINE_MODELS, TINY_MODELS, offline_model_path, tiny_config
 
@@ -311,9 +310,10 @@ def block_sizes(T: int, block_size: int = BLOCK_SIZE) -> list[int]:
     return [e - s for s, e in block_spans(T, block_size)]
 
 
-def sparse_tokens(T: int, block_size: int = BLOCK_SIZE, dense_first: bool = True, dense_last: bool = True) -> int:
+def sparse_tokens(T: int, block_size: int = BLOCK_SIZE, dense_first: bool = True, dense_last: bool = True,
+                  tail: str = "full") -> int:
     """Number of prompt tokens that fall into sparse blocks."""
-    return sparse_token_count(T, block_size, dense_first, dense_last)
+    return sparse_token_count(T, block_size, dense_first, dense_last, tail)
 
 
 def predictor_flops(spec: ModelSpec, n_tokens: int) -> int:
@@ -337,7 +337,7 @@ def plan_speedup(spec: ModelSpec, T: int, plan: SparsityPlan, overheads: bool | 
     """Dense vs sparse prefill FLOPs of a FastForward plan and the compute-bound speedup.
 
     A sparse block's FFN FLOPs scale with its layer's density (K = density * f neurons, not
-    rounded). The first/last blocks stay dense as the plan says; the last block may be partial.
+    rounded). The first block and the tail stay dense as the plan says (`plan.spans`, the engine's layout).
     Layers with density 1 run dense and need neither predictor nor compensator. `overheads`
     decides what selection and correction cost: None counts what the plan holds (a trained
     predictor object: once per sparse block and layer; a compensator: every token of a sparse
@@ -346,7 +346,7 @@ def plan_speedup(spec: ModelSpec, T: int, plan: SparsityPlan, overheads: bool | 
     unchanged.
     """
     dens = plan.layer_densities(spec.L)
-    _, sparse = split_blocks(T, plan.block_size, plan.dense_first, plan.dense_last)
+    _, sparse = plan.spans(T)
     sparse_sizes = [e - s for s, e in sparse]
     n_sparse = sum(sparse_sizes)
     dense = prefill_flops(spec, T, pairs)
@@ -375,12 +375,13 @@ def plan_speedup_curve(spec: ModelSpec, Ts: Sequence[int], plan: SparsityPlan, *
 
 
 def ffn_ideal_speedup(
-    T: int, density: float, block_size: int = BLOCK_SIZE, dense_first: bool = True, dense_last: bool = True
+    T: int, density: float, block_size: int = BLOCK_SIZE, dense_first: bool = True, dense_last: bool = True,
+    tail: str = "full",
 ) -> float:
     """Ideal FLOP speedup of the FFN module alone (no predictor/compensator overhead)."""
     if not 0.0 < density <= 1.0:
         raise ValueError(f"density must lie in (0, 1], got {density}")
-    n_sparse = sparse_tokens(T, block_size, dense_first, dense_last)
+    n_sparse = sparse_tokens(T, block_size, dense_first, dense_last, tail)
     return T / ((T - n_sparse) + density * n_sparse)
 
 

@@ -34,9 +34,11 @@ This class feeds the whole `context + continuation` (left-truncated to `max_leng
 continuation's log-probabilities: exactly what the model assigns after a prefill of that text under
 the plan. Each continuation gets its own prefill, so HFLM's `logits_cache` (one forward shared by
 single-token continuations) does not apply under a sparse plan. Stock HFLM feeds
-`context + continuation[:-1]` (the last token's logits are not needed); with the dense last block
-the two differ only when the last token opens a block of its own, which turns the block before it
-from the dense last block into a sparse one. `generate_until` prefills the context under the plan
+`context + continuation[:-1]` (the last token's logits are not needed), one token shorter: with the
+default full-block dense tail (`dense_tail="full"`, the last `block_size` tokens) that shifts the tail
+by a token, so the two differ slightly whenever a sparse block precedes the tail; with the grid tail
+(`dense_tail="grid"`) they differ only when the last token opens a block of its own, which turns the
+block before it from the dense last block into a sparse one. `generate_until` prefills the context under the plan
 with `model.generate`; decode steps are dense unless `sparse_decode`. A dense run (sparsity 0) is
 lm-eval's HFLM unchanged.
 

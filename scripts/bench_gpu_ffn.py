@@ -43,7 +43,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the repository's ffcore (the engine's block layout), also without an install
 
-from ffcore.engine.layout import BLOCK_SIZE, experts_for, sparse_token_count  # noqa: E402
+from ffcore.engine.layout import BLOCK_SIZE, experts_for, sparse_token_count, split_blocks  # noqa: E402
 
 # name -> (d, f): FFN shapes of the paper's models.
 MODELS = {
@@ -62,9 +62,10 @@ DRY_BLOCK = 64
 
 
 # ----------------------------------------------------------------------------- FLOP model
-def dense_sparse_rows(T: int, block_size: int, dense_first: bool = True, dense_last: bool = True) -> tuple[int, int]:
+def dense_sparse_rows(T: int, block_size: int, dense_first: bool = True, dense_last: bool = True,
+                      tail: str = "full") -> tuple[int, int]:
     """(rows computed densely, rows computed sparsely) of a T-token prompt, by the engine's own block layout."""
-    n_sparse = sparse_token_count(T, block_size, dense_first, dense_last)
+    n_sparse = sparse_token_count(T, block_size, dense_first, dense_last, tail=tail)
     return T - n_sparse, n_sparse
 
 
@@ -74,10 +75,10 @@ def ffn_flops(rows: int, d: int, n_neurons: int) -> int:
 
 
 def flop_ideal_speedup(T: int, d: int, f: int, density: float, block_size: int = BLOCK,
-                       dense_first: bool = True, dense_last: bool = True) -> float:
+                       dense_first: bool = True, dense_last: bool = True, tail: str = "full") -> float:
     """Dense FFN FLOPs / block-sparse FFN FLOPs (first/last block dense), the speedup ceiling."""
     K = experts_for(density, f)
-    n_dense, n_sparse = dense_sparse_rows(T, block_size, dense_first, dense_last)
+    n_dense, n_sparse = dense_sparse_rows(T, block_size, dense_first, dense_last, tail)
     return ffn_flops(T, d, f) / (ffn_flops(n_dense, d, f) + ffn_flops(n_sparse, d, K))
 
 
@@ -86,7 +87,7 @@ class Problem:
     """One FFN's weights (original and engine layouts), one prompt's input, per-block experts."""
 
     def __init__(self, T: int, d: int, f: int, density: float, block_size: int, device: str,
-                 dtype: torch.dtype, seed: int = 0) -> None:
+                 dtype: torch.dtype, seed: int = 0, tail: str = "full") -> None:
         g = torch.Generator(device=device).manual_seed(seed)
         self.T, self.d, self.f, self.B = T, d, f, block_size
         self.K = experts_for(density, f)
@@ -97,13 +98,15 @@ class Problem:
         self.w_down = r(d, f) / f**0.5  # original [d, f]
         self.w_gu = torch.cat([self.w_gate, self.w_up], dim=1).contiguous()  # [f, 2d]
         self.w_down_t = self.w_down.t().contiguous()  # [f, d]
-        n_blocks = -(-T // block_size)
-        if n_blocks < 3:
-            raise ValueError(f"T={T} gives {n_blocks} blocks of {block_size}: no block is sparse")
-        # first and last block dense; the middle ones are full blocks, contiguous rows
-        self.nsb = n_blocks - 2
-        self.sparse_lo, self.sparse_hi = block_size, block_size * (n_blocks - 1)
-        self.block_starts = torch.arange(self.sparse_lo, self.sparse_hi, block_size, dtype=torch.int32, device=device)
+        self.tail = tail
+        dense_spans, sparse_spans = split_blocks(T, block_size, tail=tail)  # the engine's layout
+        if not sparse_spans:
+            raise ValueError(f"T={T} with blocks of {block_size}: no block is sparse")
+        # every sparse block is full except, under the full-block dense tail, the last one (shortened)
+        self.nsb = len(sparse_spans)
+        self.sparse_lo, self.sparse_hi = sparse_spans[0][0], sparse_spans[-1][1]  # the sparse rows are contiguous
+        self.n_full = sum(e - s == block_size for s, e in sparse_spans)  # leading full blocks
+        self.block_starts = torch.tensor([s for s, _ in sparse_spans], dtype=torch.int32, device=device)
         scores = torch.rand(self.nsb, f, generator=g, device=device)
         # distinct experts per block, sorted (neighbouring rows: a cheap step an engine can take too)
         self.idx = scores.topk(self.K, dim=1).indices.sort(dim=1).values.to(torch.int32).contiguous()
@@ -126,21 +129,32 @@ class Problem:
         """First/last dense; middle blocks: index_select of expert rows, then torch.bmm."""
         out = torch.empty_like(self.x)
         self._dense_blocks_into(out)
-        nsb, B, K, d = self.nsb, self.B, self.K, self.d
-        xb = self.x[self.sparse_lo : self.sparse_hi].view(nsb, B, d)
-        flat = self.idx.reshape(-1)
-        w = self.w_gu.index_select(0, flat).view(nsb, 2 * K, d)  # rows (gate_k, up_k) interleaved
-        gu = torch.bmm(xb, w.transpose(1, 2)).view(nsb, B, K, 2)
+        nb, B, K, d = self.n_full, self.B, self.K, self.d
+        lo, mid = self.sparse_lo, self.sparse_lo + nb * B  # full blocks in [lo, mid), a short one after
+        xb = self.x[lo:mid].view(nb, B, d)
+        flat = self.idx[:nb].reshape(-1)
+        w = self.w_gu.index_select(0, flat).view(nb, 2 * K, d)  # rows (gate_k, up_k) interleaved
+        gu = torch.bmm(xb, w.transpose(1, 2)).view(nb, B, K, 2)
         h = F.silu(gu[..., 0]) * gu[..., 1]
-        wd = self.w_down_t.index_select(0, flat).view(nsb, K, d)
-        out[self.sparse_lo : self.sparse_hi] = torch.bmm(h, wd).view(nsb * B, d)
+        wd = self.w_down_t.index_select(0, flat).view(nb, K, d)
+        out[lo:mid] = torch.bmm(h, wd).view(nb * B, d)
+        if mid < self.sparse_hi:  # the shortened last sparse block
+            last = self.idx[nb].long()
+            w = self.w_gu.index_select(0, last).view(2 * K, d)  # [K, 2d] -> [2K, d], (gate_k, up_k) interleaved
+            gu = F.linear(self.x[mid : self.sparse_hi], w).view(-1, K, 2)  # [rows, K, (gate, up)]
+            out[mid : self.sparse_hi] = (F.silu(gu[..., 0]) * gu[..., 1]) @ self.w_down_t.index_select(0, last)
         return out
 
     def run_sparse(self, block_sparse_ffn: Callable[..., torch.Tensor]) -> torch.Tensor:
         """First/last dense; middle blocks through `block_sparse_ffn` (Triton, or its reference)."""
         out = torch.empty_like(self.x)
         self._dense_blocks_into(out)
-        return block_sparse_ffn(self.x, self.w_gu, self.w_down_t, self.block_starts, self.idx, self.B, "silu", out=out)
+        hi = self.sparse_hi  # the kernel bounds a block by the rows it is given: stop at the dense tail
+        y = block_sparse_ffn(self.x[:hi], self.w_gu, self.w_down_t, self.block_starts, self.idx, self.B, "silu",
+                             out=out[:hi])
+        if y.data_ptr() != out.data_ptr():  # a kernel that did not write in place
+            out[:hi] = y
+        return out
 
 
 # ----------------------------------------------------------------------------- timing

@@ -456,7 +456,7 @@ def _plan_fields(plan: Any) -> dict:
     """What the JSON says about a plan (no weight digests: hashing the 8B predictor would cost seconds)."""
     return {"densities": plan.densities, "policy": plan.policy_name, "compensator": None if plan.compensator is None
             else repr(plan.compensator), "block_size": plan.block_size, "dense_first": plan.dense_first,
-            "dense_last": plan.dense_last}
+            "dense_last": plan.dense_last, "dense_tail": plan.dense_tail}
 
 
 def _forward_with_mlp_io(model: Any, ids: Any, plan: Any = None, options: Any = None) -> tuple[Any, list, list]:
@@ -495,7 +495,6 @@ def prefill_checks(model: Any, variants: list[dict], T: int, block: int, device:
     import torch
 
     from ffcore.engine import EngineOptions, sparsify
-    from ffcore.engine.layout import split_blocks
     from ffcore.models import decoder_layers
 
     g = torch.Generator(device="cpu").manual_seed(seed + 7)
@@ -504,7 +503,7 @@ def prefill_checks(model: Any, variants: list[dict], T: int, block: int, device:
     rows = []
     with torch.no_grad():
         dense_h, _, dense_m = _forward_with_mlp_io(model, ids)
-        spans = split_blocks(T, block, variants[0]["plan"].dense_first, variants[0]["plan"].dense_last)[1]
+        spans = variants[0]["plan"].spans(T)[1]
         sp = torch.cat([torch.arange(s, e) for s, e in spans]).to(device)  # rows of the sparse blocks
         for v in variants:
             plan = v["plan"]

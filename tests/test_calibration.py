@@ -154,3 +154,77 @@ def test_profile_configs_are_strict():
     with pytest.raises(ValueError, match="unknown key"):
         nb02.CalibrationConfig.from_dict({"n_samples": 1, "seq_len": 256, "typo": 3})
     assert nb02.calibration_config("smoke", n_samples=3).n_samples == 3
+
+
+# ----------------------------------------------------------------------------- window-aware importance
+def test_sink_visible_queries_by_hand():
+    # a query at t sees keys t-W+1 .. t: it reaches key 127 (block 1's last) iff t <= W + 126
+    assert cal.sink_visible_queries(4096, 128, 512) == 639
+    assert cal.sink_visible_queries(4096, 128, None) == 4096
+    assert cal.sink_visible_queries(300, 128, 512) == 300
+
+
+def _synthetic_calibration(sink_mass: list[float], windows: list[int | None], T: int = 512) -> cal.CalibrationResult:
+    nb = T // 128
+    mass = torch.zeros(1, len(sink_mass), 1, nb)  # [n, L, H, nb]
+    for i, m in enumerate(sink_mass):
+        mass[0, i, 0, 0] = m
+        mass[0, i, 0, 1:] = (T - m) / (nb - 1)  # every row sums to 1: T in all
+    return cal.CalibrationResult("synthetic", "fp", T, 128, 0, ("prose",), mass, windows)
+
+
+def test_window_importance_by_hand():
+    r = _synthetic_calibration([100.0, 100.0, 40.0], [None, 128, 128])
+    lit, win = r.scores("literal"), r.scores("window")
+    assert lit == pytest.approx([412.0, 412.0, 472.0])
+    assert win[0] == pytest.approx(lit[0])  # full attention: the literal s_i
+    n_vis = 128 + 127  # the queries of a 128-window layer that can see block 1
+    assert win[1] == pytest.approx(512 * (1 - 100 / n_vis))
+    assert win[2] == pytest.approx(512 * (1 - 40 / n_vis))
+    assert win[1] < lit[1]  # the same sink mass spread over fewer eligible queries: more sink-bound
+    info = r.calibration_info()
+    assert info["s_i"] == pytest.approx(lit) and info["s_i_window"] == pytest.approx(win)
+    with pytest.raises(ValueError, match="importance"):
+        r.scores("paper")
+
+
+def test_schedule_plans_differ_only_on_windowed_layers():
+    full = _synthetic_calibration([100.0, 200.0, 300.0], [None, None, None])
+    plans = nb02.schedule_plans(full, 0.5)
+    assert plans["uniform"].densities == 0.5
+    assert plans["literal"].densities == pytest.approx(plans["window"].densities)  # no window: same schedule
+    mixed = _synthetic_calibration([100.0, 100.0, 300.0], [None, 128, None])
+    plans = nb02.schedule_plans(mixed, 0.5)
+    lit, win = plans["literal"].densities, plans["window"].densities
+    assert lit[0] == pytest.approx(lit[1]) and win[1] < win[0]  # the window correction lowers layer 1's share
+    assert sum(win) / 3 == pytest.approx(0.5) and sum(lit) / 3 == pytest.approx(0.5)
+    assert {p.policy for p in plans.values()} == {"oracle"}
+
+
+def _records(kls: list[float]) -> list[dict]:
+    return [{"uid": f"w{i}", "task": "continuation", "metrics": {"kl": k, "nll": 2.0 + k, "dense_nll": 2.0}}
+            for i, k in enumerate(kls)]
+
+
+def test_schedule_kl_table_and_verdict():
+    base = [0.10, 0.20, 0.15, 0.12, 0.18, 0.11, 0.16, 0.14]
+    runs = {"dense": _records([0.0] * 8), "uniform @ 0.5": _records(base),
+            "literal @ 0.5": _records([k + 0.05 for k in base]),  # clearly worse
+            "window @ 0.5": _records([k + (0.01 if i % 2 else -0.01) for i, k in enumerate(base)])}  # a wash
+    rows = nb02.schedule_kl_table(runs, "m", n_boot=500)
+    by = {r["schedule"]: r for r in rows}
+    assert by["uniform"]["kl"] == pytest.approx(sum(base) / 8, abs=1e-5)
+    assert by["literal"]["kl_minus_uniform"] == pytest.approx(0.05, abs=1e-5)
+    assert by["literal"]["kl_minus_uniform_ci"][0] > 0
+    assert by["window"]["kl_minus_literal"] == pytest.approx(-0.05, abs=1e-5)
+    assert by["literal"]["nll_increase"] == pytest.approx(by["literal"]["kl"], abs=1e-5)
+    text = nb02.schedule_verdict(rows)
+    assert "literal s_i" in text and "above uniform" in text
+    assert "not resolved vs uniform" in text  # the window schedule's +-0.01 wash
+    assert "lower" in text  # window minus literal resolves
+
+
+def test_schedule_kl_settings_are_strict():
+    assert nb02.schedule_kl_settings("full").ctx > 640  # long enough for a 512-token window to hide block 1
+    with pytest.raises(ValueError, match="unknown key"):
+        nb02.ScheduleKLSettings.from_dict({"windows_per_family": 1, "ctx": 8, "cont": 2, "typo": 1})

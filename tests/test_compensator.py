@@ -160,24 +160,28 @@ def test_zero_initialised_compensator_leaves_the_engine_unchanged(key):
             assert torch.equal(out, ref), variant
 
 
+# T = 300 in blocks of 128: [0,128) dense; the grid tail leaves [128,256) sparse and [256,300) dense, the
+# full-block tail makes the last 128 tokens [172,300) dense and shortens the sparse block to [128,172)
+@pytest.mark.parametrize("tail, sparse_end", [("grid", 256), ("full", 172)])
 @pytest.mark.parametrize("variant", fc.VARIANTS)
-def test_engine_adds_the_correction_to_sparse_blocks_only(variant):
+def test_engine_adds_the_correction_to_sparse_blocks_only(variant, tail, sparse_end):
     """One layer's sparse MLP inside the engine == manual sparse FFN + manual correction on sparse blocks."""
     model, _ = load_model("tiny-llama")
     comp = _randomised(fc.ErrorCompensator(4, 64, 256, variant=variant), scale=0.05)
-    layer, T, k = 2, 300, 128  # blocks [0,128) dense, [128,256) sparse, [256,300) last -> dense
+    layer, T, k = 2, 300, 128
     x = torch.randn(1, T, 64, generator=torch.Generator().manual_seed(5))
     mlp = gated_mlps(model)[layer]
     fused = fused_ffn(mlp)
     with torch.no_grad():
-        plan = SparsityPlan(densities=0.5, policy="oracle", compensator=comp)
+        plan = SparsityPlan(densities=0.5, policy="oracle", compensator=comp, dense_tail=tail)
         with sparsify(model, plan):
             out = model.model.layers[layer].mlp(x)[0]  # [T, d]
-        idx = topk_sorted(griffin_scores(dense_activations(x[0, 128:256], fused)), k)  # the oracle, by hand
+        xs = x[0, 128:sparse_end]
+        idx = topk_sorted(griffin_scores(dense_activations(xs, fused)), k)  # the oracle, by hand
         ref = torch.cat([
             dense_rows_forward(x[0, :128], fused),
-            sparse_block_forward(x[0, 128:256], fused, idx) + _manual(comp, layer, x[0, 128:256], idx),
-            dense_rows_forward(x[0, 256:], fused),
+            sparse_block_forward(xs, fused, idx) + _manual(comp, layer, xs, idx),
+            dense_rows_forward(x[0, sparse_end:], fused),
         ])
     torch.testing.assert_close(out, ref, atol=ATOL, rtol=RTOL)
 

@@ -79,6 +79,47 @@ def test_oracle_equals_masked_dense(model, density):
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
 
 
+# T = 300 in blocks of 64, written out by hand: the full-block tail is the last 64 tokens and shortens the
+# block it overlaps ([192, 236)); the grid tail is the grid's 44-token remainder.
+HAND_LAYOUTS = {
+    "full": ([(0, 64), (236, 300)], [(64, 128), (128, 192), (192, 236)]),
+    "grid": ([(0, 64), (256, 300)], [(64, 128), (128, 192), (192, 256)]),
+}
+
+
+def test_split_blocks_tails_by_hand():
+    for tail, (dense, sparse) in HAND_LAYOUTS.items():
+        assert split_blocks(T, 64, True, True, tail=tail) == (dense, sparse)
+    assert split_blocks(100, 64, True, True, tail="full") == ([(0, 64), (64, 100)], [])  # never into block 1
+    assert split_blocks(256, 64, True, True, tail="full") == split_blocks(256, 64, True, True, tail="grid")
+    assert split_blocks(300, 64, True, True, offset=10, tail="full") == ([(236, 300)], [(0, 64), (64, 128), (128, 192), (192, 236)])
+    with pytest.raises(ValueError, match="dense tail"):
+        split_blocks(T, 64, tail="last")
+    with pytest.raises(ValueError, match="dense tail"):
+        SparsityPlan(densities=0.5, dense_tail="last")
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("tail", ["full", "grid"])
+def test_dense_tail_equals_masked_dense(model, tail):
+    """Both tail rules against the masked-dense reference on the hand-written layout; they differ."""
+    mlp = gated_mlps(model)[1]
+    x = torch.randn(1, T, model.config.hidden_size, generator=torch.Generator().manual_seed(5))
+    dense, sparse = HAND_LAYOUTS[tail]
+    plan = SparsityPlan(densities=0.5, policy="oracle", block_size=64, dense_tail=tail)
+    assert plan.spans(T) == (dense, sparse)
+    ref = _masked_dense_reference(mlp, x[0], sparse, experts_for(0.5, mlp.intermediate_size), dense)
+    with sparsify(model, plan):
+        out = decoder_layers(model)[1].mlp(x)[0]
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
+    tail_start = dense[-1][0]
+    torch.testing.assert_close(out[tail_start:], mlp(x)[0, tail_start:], atol=1e-5, rtol=1e-4)  # the tail is dense
+    other = "grid" if tail == "full" else "full"
+    with sparsify(model, plan.replace(dense_tail=other)):
+        out_other = decoder_layers(model)[1].mlp(x)[0]
+    assert (out_other[236:256] - out[236:256]).abs().max() > 1e-4  # the overlap region is dense in one rule only
+
+
 @torch.no_grad()
 @pytest.mark.parametrize("block_size", [64, 128])
 def test_sparse_partial_last_block_equals_masked_dense(model, block_size):

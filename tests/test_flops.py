@@ -105,10 +105,12 @@ def test_crossover_is_the_first_length_where_attention_wins():
 def test_block_sizes_and_partial_last_block():
     assert flops.block_sizes(300) == [128, 128, 44]
     assert flops.block_sizes(256) == [128, 128]
-    assert flops.sparse_tokens(300) == 128  # first and last (partial) block dense
+    assert flops.sparse_tokens(300, tail="grid") == 128  # first and the grid's last (partial) block dense
+    assert flops.sparse_tokens(300) == 44  # dense tail = the last 128 tokens: 128 | 44 sparse | 128
     assert flops.sparse_tokens(300, dense_last=False) == 128 + 44
     assert flops.sparse_tokens(300, dense_first=False, dense_last=False) == 300
-    assert flops.ffn_ideal_speedup(300, 0.5) == pytest.approx(300 / (128 + 44 + 0.5 * 128))
+    assert flops.ffn_ideal_speedup(300, 0.5, tail="grid") == pytest.approx(300 / (128 + 44 + 0.5 * 128))
+    assert flops.ffn_ideal_speedup(300, 0.5) == pytest.approx(300 / (128 + 128 + 0.5 * 44))
 
 
 def test_plan_speedup_limits():
@@ -125,15 +127,17 @@ def test_plan_speedup_limits():
     assert flops.ffn_ideal_speedup(128, 0.5) == 1.0
 
 
-def test_plan_speedup_overheads_by_hand():
-    T, rho = 300, 0.5  # blocks 128 | 128 | 44: only the middle block is sparse
-    r = flops.plan_speedup(TOY, T, SparsityPlan([rho, 1.0]), overheads=True)  # layer 1 dense: no overheads there
+@pytest.mark.parametrize("tail,n_sp", [("grid", 128), ("full", 44)])
+def test_plan_speedup_overheads_by_hand(tail, n_sp):
+    # grid: blocks 128 | 128 | 44, only the middle one sparse; full: 128 | 44 sparse | the last 128 dense
+    T, rho = 300, 0.5
+    r = flops.plan_speedup(TOY, T, SparsityPlan([rho, 1.0], dense_tail=tail), overheads=True)  # layer 1 dense
     r_pred = 1  # power of two >= d/16 = 0.5
     assert predictor_rank(8) == r_pred
-    pred = 2 * 128 * 8 + 2 * 128 * 8 + 2 * 8 * r_pred + 2 * r_pred * 16  # pool, weighted sum, W1, W2
-    comp = 2 * 128 * 8 * 1 + 2 * 128 * 1 * 8  # d -> d/8 = 1 -> d on the 128 sparse tokens
+    pred = 2 * n_sp * 8 + 2 * n_sp * 8 + 2 * 8 * r_pred + 2 * r_pred * 16  # pool, weighted sum, W1, W2
+    comp = 2 * n_sp * 8 * 1 + 2 * n_sp * 1 * 8  # d -> d/8 = 1 -> d on the sparse tokens
     ffn_layer = 3 * 2 * T * 8 * 16
-    ffn_sparse = ffn_layer * (172 + rho * 128) / T + ffn_layer
+    ffn_sparse = ffn_layer * ((T - n_sp) + rho * n_sp) / T + ffn_layer
     assert (r["predictor_flops"], r["compensator_flops"]) == (pred, comp)
     assert r["ffn_sparse_flops"] == pytest.approx(ffn_sparse)
     dense = sum(flops.prefill_flops(TOY, T).values())

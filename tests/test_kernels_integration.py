@@ -80,7 +80,8 @@ def test_experts_and_rows():
     assert bench.experts_for(0.6, 8192) == 4915
     assert bench.experts_for(0.7, 14336) == 10035
     assert bench.dense_sparse_rows(1024, 128) == (256, 768)
-    assert bench.dense_sparse_rows(300, 128) == (128 + 44, 128)
+    assert bench.dense_sparse_rows(300, 128) == (128 + 128, 44)  # full-block tail: the last 128 tokens
+    assert bench.dense_sparse_rows(300, 128, tail="grid") == (128 + 44, 128)  # grid tail: the 44-token remainder
     assert bench.dense_sparse_rows(200, 128) == (200, 0)
     assert bench.dense_sparse_rows(1024, 128, dense_first=False, dense_last=False) == (0, 1024)
     with pytest.raises(ValueError):
@@ -92,21 +93,27 @@ def test_flop_ideal_speedup():
     assert bench.flop_ideal_speedup(16384, 4096, 14336, 0.5) == pytest.approx(128 / (2 + 126 * 0.5))
     assert bench.flop_ideal_speedup(4096, 2048, 8192, 0.5, dense_first=False, dense_last=False) == pytest.approx(2.0)
     assert bench.flop_ideal_speedup(200, 64, 256, 0.5) == pytest.approx(1.0)
-    assert bench.flop_ideal_speedup(300, 64, 256, 0.5) == pytest.approx(300 / (172 + 128 * 0.5))
+    assert bench.flop_ideal_speedup(300, 64, 256, 0.5) == pytest.approx(300 / (256 + 44 * 0.5))  # blocks of 128
+    assert bench.flop_ideal_speedup(300, 64, 256, 0.5, tail="grid") == pytest.approx(300 / (172 + 128 * 0.5))
+    assert bench.flop_ideal_speedup(300, 64, 256, 0.5, 64) == pytest.approx(300 / (128 + 172 * 0.5))
     # the d of the model cancels; more density -> less headroom
     assert bench.flop_ideal_speedup(2048, 3072, 8192, 0.7) < bench.flop_ideal_speedup(2048, 3072, 8192, 0.6)
 
 
-def test_bench_variants_agree_on_cpu():
-    p = bench.Problem(520, 64, 256, 0.5, 64, "cpu", torch.float32)
-    assert p.nsb == 7 and p.K == 128 and p.dense_rows.numel() == 64 + 8
+@pytest.mark.parametrize("tail, nsb, n_dense", [("full", 7, 64 + 64), ("grid", 7, 64 + 8)])
+def test_bench_variants_agree_on_cpu(tail, nsb, n_dense):
+    # 520 tokens in blocks of 64: the full-block tail leaves a short (8-row) last sparse block
+    p = bench.Problem(520, 64, 256, 0.5, 64, "cpu", torch.float32, tail=tail)
+    assert p.nsb == nsb and p.K == 128 and p.dense_rows.numel() == n_dense
     y_ref = p.run_sparse(block_sparse_ffn_gathered_ref)
     torch.testing.assert_close(p.run_gather(), y_ref, rtol=1e-4, atol=1e-5)
     y_dense = p.run_dense()
     rows = p.dense_rows
     torch.testing.assert_close(y_ref[rows], y_dense[rows], rtol=1e-4, atol=1e-5)  # first/last block dense
-    full = bench.Problem(520, 64, 256, 1.0, 64, "cpu", torch.float32)  # all experts: sparse == dense
+    assert (y_ref - y_dense).abs().max() > 1e-3  # the sparse rows do differ at density 0.5
+    full = bench.Problem(520, 64, 256, 1.0, 64, "cpu", torch.float32, tail=tail)  # all experts: sparse == dense
     torch.testing.assert_close(full.run_gather(), full.run_dense(), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(full.run_sparse(block_sparse_ffn_gathered_ref), full.run_dense(), rtol=1e-4, atol=1e-5)
 
 
 @can_launch

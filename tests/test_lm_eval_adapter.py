@@ -227,21 +227,25 @@ def test_python_route_with_a_plan(tiny: tuple[Any, Any], policy: str) -> None:
 def test_stock_hflm_inside_sparsify_prefills_context_plus_continuation_minus_its_last_token(
     tiny: tuple[Any, Any],
 ) -> None:
-    """The documented HFLM-inside-sparsify route agrees with the adapter except when the last token opens a block."""
+    """The documented HFLM-inside-sparsify route: with the grid tail it agrees with the adapter except when the
+    last token opens a block; with the full-block tail the adapter still equals the hand-made prefill."""
     model, tok = tiny
-    plan = SparsityPlan(densities=0.5, policy="oracle", block_size=32)
-    ours = adapter.FFCoreLM(pretrained=model, tokenizer=tok, plan=plan)
+    grid = SparsityPlan(densities=0.5, policy="oracle", block_size=32, dense_tail="grid")
     stock = HFLM(pretrained=model, tokenizer=tok, batch_size=1)
     ctx = _context()[:90]
     assert not ctx.endswith(" ")
-    for cont, edge in ((" nine bells", False), (" seven!", True)):  # 90 + 7 - 1 = 96 = 3 blocks of 32
-        assert ((len(ctx) + len(cont) - 1) % 32 == 0) == edge
-        req = [_instance("loglikelihood", (ctx, cont))]
-        (mine, _), = ours.loglikelihood(req, disable_tqdm=True)
-        with torch.no_grad(), sparsify(model, plan):
-            (theirs, _), = stock.loglikelihood(req, disable_tqdm=True)
-        assert mine == pytest.approx(hand_loglikelihood(model, tok, plan, ctx, cont), abs=1e-4)
-        assert (abs(mine - theirs) > 1e-4) == edge
+    for plan in (grid, grid.replace(dense_tail="full")):
+        ours = adapter.FFCoreLM(pretrained=model, tokenizer=tok, plan=plan)
+        for cont, edge in ((" nine bells", False), (" seven!", True)):  # 90 + 7 - 1 = 96 = 3 blocks of 32
+            assert ((len(ctx) + len(cont) - 1) % 32 == 0) == edge
+            req = [_instance("loglikelihood", (ctx, cont))]
+            (mine, _), = ours.loglikelihood(req, disable_tqdm=True)
+            with torch.no_grad(), sparsify(model, plan):
+                (theirs, _), = stock.loglikelihood(req, disable_tqdm=True)
+            assert mine == pytest.approx(hand_loglikelihood(model, tok, plan, ctx, cont), abs=1e-4)
+            if plan.dense_tail == "grid":  # (full tail: a one-token shift of the tail, a small change either way)
+                assert (abs(mine - theirs) > 1e-4) == edge
+    plan = grid.replace(dense_tail="full")
     gen_kwargs = {"until": ["\n"], "max_gen_toks": 6, "do_sample": False}
     with torch.no_grad(), sparsify(model, plan):
         out, = stock.generate_until([_instance("generate_until", (_context(), gen_kwargs))], disable_tqdm=True)

@@ -4,8 +4,10 @@ One implementation of each, used by the engine, the FLOP model, the trainers and
 
 * `block_spans(T, B)`: `[start, end)` of every `B`-token block of a `T`-token prompt, aligned to
   the prompt's start (the last block may be partial);
-* `split_blocks(T, B, dense_first, dense_last, offset)`: those spans split into the dense ones (the
-  first block holds the attention sinks, the last one the question) and the sparse ones;
+* `split_blocks(T, B, dense_first, dense_last, offset, tail)`: those spans split into the dense ones (the
+  first block holds the attention sinks, the tail the question) and the sparse ones; with `tail="full"`
+  the dense tail is the prompt's last `B` tokens (the block before it shortens), with `tail="grid"` it is
+  the grid's last block, which may be a single token;
 * `experts_for(density, f)`: how many neurons a sparse block keeps, `K = round(density * f)`;
 * `predictor_rank(d)` and `compensator_rank(d)`: the bottleneck widths of the trained parts.
 
@@ -18,6 +20,7 @@ import math
 BLOCK_SIZE = 128  # tokens per prefill block (the paper's B)
 
 Span = tuple[int, int]
+TAILS = ("full", "grid")  # the dense tail: the last block_size tokens, or the grid's (possibly partial) last block
 
 
 def check_block_size(block_size: int) -> int:
@@ -35,28 +38,44 @@ def block_spans(T: int, block_size: int = BLOCK_SIZE) -> list[Span]:
     return [(s, min(s + block_size, T)) for s in range(0, T, block_size)]
 
 
+def check_tail(tail: str) -> str:
+    """Return tail, or raise if it is not one of TAILS."""
+    if tail not in TAILS:
+        raise ValueError(f"unknown dense tail {tail!r}; choose one of {TAILS}")
+    return tail
+
+
 def split_blocks(
     T: int, block_size: int = BLOCK_SIZE, dense_first: bool = True, dense_last: bool = True, offset: int = 0,
+    tail: str = "full",
 ) -> tuple[list[Span], list[Span]]:
     """A sequence's blocks split into (dense spans, sparse spans), both in order.
 
     `offset` > 0 means this call continues an earlier prefill (KV cache): its first block does
-    not hold the sequence's sinks, so `dense_first` does not apply to it.
+    not hold the sequence's sinks, so `dense_first` does not apply to it. With `dense_last`, the
+    tail runs dense: `tail="full"` makes it the last `block_size` tokens (never reaching into the
+    dense first block) and cuts the grid block it overlaps short; `tail="grid"` keeps the grid's last
+    block, however short (the question then mostly falls into a sparse block).
     """
+    check_tail(tail)
     spans = block_spans(T, block_size)
-    dense_ids = set()
-    if dense_first and offset == 0:
-        dense_ids.add(0)
-    if dense_last and spans:
-        dense_ids.add(len(spans) - 1)
-    dense = [s for i, s in enumerate(spans) if i in dense_ids]
-    sparse = [s for i, s in enumerate(spans) if i not in dense_ids]
-    return dense, sparse
+    head = dense_first and offset == 0 and bool(spans)
+    dense = [spans[0]] if head else []
+    body = spans[1:] if head else spans
+    if dense_last and body:
+        if tail == "grid":
+            tail_span = body[-1]
+        else:
+            tail_span = (max(body[0][0], T - block_size), T)
+        body = [(s, min(e, tail_span[0])) for s, e in body if s < tail_span[0]]
+        return dense + [tail_span], body
+    return dense, body
 
 
-def sparse_token_count(T: int, block_size: int = BLOCK_SIZE, dense_first: bool = True, dense_last: bool = True) -> int:
+def sparse_token_count(T: int, block_size: int = BLOCK_SIZE, dense_first: bool = True, dense_last: bool = True,
+                       tail: str = "full") -> int:
     """Number of prompt tokens that fall into sparse blocks."""
-    return sum(e - s for s, e in split_blocks(T, block_size, dense_first, dense_last)[1])
+    return sum(e - s for s, e in split_blocks(T, block_size, dense_first, dense_last, tail=tail)[1])
 
 
 def experts_for(density: float, f: int) -> int:

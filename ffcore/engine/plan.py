@@ -17,10 +17,20 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
-from ffcore.engine.layout import BLOCK_SIZE, check_block_size
+from ffcore.engine.layout import BLOCK_SIZE, Span, check_block_size, check_tail, split_blocks
 
 POLICY_NAMES = ("dense", "oracle", "first_block_static", "random", "predictor")
 BACKENDS = ("auto", "torch", "triton")
+# What a sparse decode step picks its experts from (`SparsityPlan.decode_context`, `ffcore.engine.decode_window`):
+# the decode token alone (the paper), a window of the last block_size FFN inputs, or that window's experts reused.
+DECODE_CONTEXTS = ("token", "window", "reuse")
+
+
+def check_decode_context(context: str) -> str:
+    """Return context, or raise if it is not one of DECODE_CONTEXTS."""
+    if context not in DECODE_CONTEXTS:
+        raise ValueError(f"unknown decode_context {context!r}; choose one of {DECODE_CONTEXTS}")
+    return context
 
 
 def weights_digest(module: nn.Module) -> str:
@@ -77,8 +87,18 @@ class SparsityPlan:
                     `SelectionPolicy` object (the trained predictor).
     block_size:     tokens per prefill block (paper: 128).
     dense_first:    the first block (attention sinks) runs dense.
-    dense_last:     the last block (the question) runs dense.
+    dense_last:     the tail (the question) runs dense.
+    dense_tail:     'full': the dense tail is the prompt's last `block_size` tokens (the grid block it
+                    overlaps runs sparse, shortened); 'grid': the grid's last block, which can be one
+                    token long (the literal reading: most of the question then runs sparse).
     sparse_decode:  also sparsify one-token decode steps (paper Table 3); default dense.
+    decode_context: what a sparse decode step selects its experts from (only with sparse_decode):
+                    'token': the decode token alone, a one-token span (the paper; the default);
+                    'window': the FFN inputs of the last `block_size` tokens (the prompt's tail at first,
+                    then the decode tokens, the current one included), scored exactly like a prefill
+                    block; 'reuse': the experts of such a window, chosen at the first decode step and
+                    then every `block_size` steps, reused in between (beyond the paper;
+                    `ffcore.engine.decode_window`).
     compensator:    an error compensator (callable `(layer, x, idx) -> correction`), or None.
     seed:           seed of the 'random' policy.
     """
@@ -88,7 +108,9 @@ class SparsityPlan:
     block_size: int = BLOCK_SIZE
     dense_first: bool = True
     dense_last: bool = True
+    dense_tail: str = "full"
     sparse_decode: bool = False
+    decode_context: str = "token"
     compensator: Any = None
     seed: int = 0
 
@@ -113,6 +135,8 @@ class SparsityPlan:
         if self.policy == "predictor":
             raise ValueError("policy 'predictor' needs the trained predictor object: pass it as policy=<predictor>")
         check_block_size(self.block_size)
+        check_tail(self.dense_tail)
+        check_decode_context(self.decode_context)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "SparsityPlan":
@@ -130,6 +154,10 @@ class SparsityPlan:
         if unknown:
             raise ValueError(f"SparsityPlan: unknown key(s) {unknown}; valid keys are {sorted(names)}")
         return dataclasses.replace(self, **changes)
+
+    def spans(self, T: int, offset: int = 0) -> tuple[list[Span], list[Span]]:
+        """(dense spans, sparse spans) of a T-token prefill call under this plan (`layout.split_blocks`)."""
+        return split_blocks(T, self.block_size, self.dense_first, self.dense_last, offset, self.dense_tail)
 
     def density(self, layer: int) -> float:
         """The density of one layer."""
@@ -167,14 +195,21 @@ class SparsityPlan:
         return self.compensator is None and all(float(d) >= 1.0 for d in dens)
 
     def describe(self) -> dict[str, Any]:
-        """A JSON-friendly description; objects are named with a digest of their weights."""
+        """A JSON-friendly description; objects are named with a digest of their weights.
+
+        `decode_context` appears only when it is not the default 'token', so the descriptions (and
+        `key()`, the result caches' keys) of plans that existed before the option are unchanged.
+        """
         dens = self.densities if isinstance(self.densities, (int, float)) else [round(float(d), 6) for d in self.densities]
-        return {
+        out = {
             "densities": dens, "policy": self.policy_name, "policy_id": object_identity(self.policy)
             if self.uses_predictor else None, "block_size": self.block_size, "dense_first": self.dense_first,
-            "dense_last": self.dense_last, "sparse_decode": self.sparse_decode,
+            "dense_last": self.dense_last, "dense_tail": self.dense_tail, "sparse_decode": self.sparse_decode,
             "compensator": object_identity(self.compensator), "seed": self.seed,
         }
+        if self.decode_context != "token":
+            out["decode_context"] = self.decode_context
+        return out
 
     def key(self) -> str:
         """A short stable hash of `describe()` (result caches): changes with the trained objects' weights."""

@@ -191,8 +191,12 @@ def block_sparse_ffn(
 
             starts = torch.tensor([s for s, _ in sparse_spans], dtype=torch.int32, device=x.device)
             width = max(e - s for s, e in sparse_spans)  # the block size (a lone partial block: its length)
-            return triton_block_sparse_ffn(x, fused.w_gu, fused.w_down_t, starts, idx.contiguous(), width,
-                                           fused.act_name, out=out)
+            if any(e - s != width for s, e in sparse_spans[:-1]):
+                raise ValueError(f"the Triton path needs equal sparse blocks (only the last may be shorter): {sparse_spans}")
+            end = sparse_spans[-1][1]  # the kernels clip blocks at the row count: a short last sparse block
+            triton_block_sparse_ffn(x[:end], fused.w_gu, fused.w_down_t, starts, idx.contiguous(), width,
+                                    fused.act_name, out=out[:end])  # ends at `end`, before the dense tail
+            return out
         workers = block_workers(x, len(sparse_spans), options.block_parallel)
         if workers > 1:
             _sparse_parallel(x, fused, sparse_spans, idx, out, workers)

@@ -7,6 +7,10 @@ Inside the context each layer's MLP runs prefill in blocks of `plan.block_size` 
 (`ffcore.engine.layout`); the first/last block run dense (switches in the plan), every other
 block computes only its selected experts. Attention is untouched. Nested calls swap the plan
 and options of the existing wrappers (never double-wrap) and restore the outer ones on exit.
+
+With `plan.sparse_decode`, a one-token decode step picks its experts from the token itself
+(`decode_context='token'`) or from a window of the last `block_size` FFN inputs ('window',
+'reuse'; `ffcore.engine.decode_window`), which the session keeps with the KV cache.
 """
 from __future__ import annotations
 
@@ -17,7 +21,8 @@ from typing import Any, Iterator
 import torch
 from torch import Tensor, nn
 
-from ffcore.engine.layout import experts_for, split_blocks
+from ffcore.engine.decode_window import DecodeWindow, attach, window_of
+from ffcore.engine.layout import experts_for
 from ffcore.engine.plan import EngineOptions, SparsityPlan
 from ffcore.engine.policies import SelectContext, SelectionPolicy, griffin_scores, make_policy
 from ffcore.engine.sparse_ffn import block_sparse_ffn, dense_activations, fused_ffn
@@ -36,6 +41,7 @@ class _RunState:
     n_layers: int
     offset: int = 0  # tokens already in the KV cache when the current forward started
     first_scores: dict[tuple[int, int], Tensor] = dataclasses.field(default_factory=dict)  # (layer, row) -> [f]
+    window: DecodeWindow | None = None  # the current sequence's decode-time context ('window' / 'reuse' plans)
     stats: dict[str, int] = dataclasses.field(default_factory=lambda: {"dense_tokens": 0, "sparse_tokens": 0})
 
 
@@ -65,14 +71,19 @@ class SparseMLP(nn.Module):
         if decode:
             dense, sparse = [], [(0, 1)]
         else:
-            dense, sparse = split_blocks(T, plan.block_size, plan.dense_first, plan.dense_last, st.offset)
+            dense, sparse = plan.spans(T, st.offset)
         need_first = bool(getattr(st.policy, "needs_first_block", False))
+        win = self._window(x) if plan.sparse_decode and plan.decode_context != "token" else None
+        if win is not None and decode:
+            experts = self._window_experts(win, fused, k, need_first)  # [batch, K]
         rows = []
         for b in range(x.shape[0]):
             xb = x[b]  # [T, d]
             idx, dense_out = None, {}
             first = self._first_block(xb, dense, fused, b, decode, dense_out) if need_first else None
-            if sparse:
+            if sparse and win is not None and decode:
+                idx = experts[b:b + 1]
+            elif sparse:
                 ctx = SelectContext(self.layer, xb, sparse, k, fused, plan.block_size, decode, st.offset, first)
                 idx = st.policy.select(ctx)
                 _check_idx(idx, len(sparse), k, fused.f, st.policy)
@@ -84,6 +95,38 @@ class SparseMLP(nn.Module):
         st.stats["sparse_tokens"] += x.shape[0] * sum(e - s for s, e in sparse)
         st.stats["dense_tokens"] += x.shape[0] * sum(e - s for s, e in dense)
         return torch.stack(rows)
+
+    def _window(self, x: Tensor) -> DecodeWindow:
+        """The sequence's decode window with this call's FFN inputs x [batch, T, d] appended (the last block_size)."""
+        st = self.state
+        size = st.plan.block_size
+        if st.window is None or st.window.size != size:  # a new sequence, or a plan with another block size
+            st.window = DecodeWindow(size)
+        st.window.push(self.layer, x[:, -size:], st.offset + max(0, x.shape[1] - size))
+        if x.shape[1] > 1:  # a prefill chunk: the next decode step selects again ('reuse')
+            st.window.forget_experts(self.layer)
+        return st.window
+
+    def _window_experts(self, win: DecodeWindow, fused: Any, k: int, need_first: bool) -> Tensor:
+        """A decode step's experts [batch, K]: the policy's choice for each row's window, or the reused ones."""
+        st, layer = self.state, self.layer
+        batch = win.buf[layer].shape[0]
+        if st.plan.decode_context == "reuse" and not win.due(layer, k, batch):
+            win.age[layer] += 1
+            return win.experts[layer]
+        w = win.window(layer)  # [batch, n, d], the current token last
+        n = w.shape[1]
+        rows = []
+        for b in range(batch):
+            first = st.first_scores.get((layer, b)) if need_first else None
+            # scored like a prefill block: spans [(0, n)], decode False, offset = the window's first position
+            ctx = SelectContext(layer, w[b], [(0, n)], k, fused, st.plan.block_size, False, st.offset + 1 - n, first)
+            idx = st.policy.select(ctx)
+            _check_idx(idx, 1, k, fused.f, st.policy)
+            rows.append(idx)
+        experts = torch.cat(rows).contiguous()
+        win.keep(layer, experts)
+        return experts
 
 
     def _first_block(self, xb: Tensor, dense: list[tuple[int, int]], fused: Any, row: int, decode: bool,
@@ -150,7 +193,7 @@ class _Session:
     originals: list[nn.Module]
     wrappers: list[SparseMLP]
     state: _RunState
-    hook: Any
+    hook: Any  # (pre-forward, post-forward) hook handles
     stack: list[tuple[SparsityPlan, SelectionPolicy, EngineOptions]]
 
 
@@ -170,6 +213,29 @@ def _pre_forward(state: _RunState):  # noqa: ANN202
                 "sequences without padding."
             )
         state.offset = _cache_offset(kwargs)
+        cache = cache_from_kwargs(kwargs)
+        if state.offset == 0:  # a new sequence: its decode window starts empty (made on first use)
+            state.window = None
+            return
+        win = window_of(cache)
+        if win is None and state.window is not None and not state.window.attached and state.window.end == state.offset:
+            win = state.window  # a cache that takes no attributes: the window this session kept for it
+        state.window = win  # None: a cache this engine did not prefill; the window starts with this call
+        if win is not None and not win.attached:
+            attach(cache, win)
+
+    return hook
+
+
+def _post_forward(state: _RunState):  # noqa: ANN202
+    def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        win = state.window
+        if win is not None and not win.attached:  # made in this call: it goes with the cache the call returns
+            cache = getattr(output, "past_key_values", None)
+            if cache is None:
+                cache = getattr(output, "cache", None)
+            if cache is None or not attach(cache, win):
+                attach(cache_from_kwargs(kwargs), win)
 
     return hook
 
@@ -212,7 +278,8 @@ def sparsify(model: nn.Module, plan: SparsityPlan, options: EngineOptions | None
     state = _RunState(plan, policy, options, len(layers))
     wrappers = [SparseMLP(mlp, i, state) for i, mlp in enumerate(originals)]
     hook = model.register_forward_pre_hook(_pre_forward(state), with_kwargs=True)
-    session = _Session(layers, originals, wrappers, state, hook, [(plan, policy, options)])
+    post = model.register_forward_hook(_post_forward(state), with_kwargs=True)
+    session = _Session(layers, originals, wrappers, state, (hook, post), [(plan, policy, options)])
     try:
         for layer, w in zip(layers, wrappers):
             layer.mlp = w
@@ -222,5 +289,6 @@ def sparsify(model: nn.Module, plan: SparsityPlan, options: EngineOptions | None
         for layer, mlp in zip(layers, originals):
             layer.mlp = mlp
         hook.remove()
+        post.remove()
         if hasattr(model, _SESSION_ATTR):
             delattr(model, _SESSION_ATTR)

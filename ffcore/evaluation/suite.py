@@ -36,10 +36,10 @@ import random
 import re
 import textwrap
 import tokenize as pytokenize
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from ffcore.config import StrictConfig
-from ffcore.data import documents, family_of
+from ffcore.data import documents, domains_of, family_of
 from ffcore.evaluation.metrics import edit_similarity
 
 SUITE_NAME = "ffcore-local"
@@ -590,6 +590,22 @@ def continuation_windows(
                       "doc_ids": used},
             ))
     return rows
+
+
+def kl_windows(tokenizer: Any, families: Sequence[str], n: int, ctx: int, cont: int, seed: int = 0) -> list[dict]:
+    """`n` continuation windows per family (eval split), cycling over the family's installed domains."""
+    rows = []
+    for family in families:
+        doms = domains_of([family])
+        picks = [doms[i % len(doms)] for i in range(n)]
+        for dom in dict.fromkeys(picks):
+            rows += continuation_windows(tokenizer, [dom], picks.count(dom), ctx, cont, seed=seed)
+    return rows
+
+
+def window_family(row: Mapping[str, Any]) -> str:
+    """The family a continuation row (from `kl_windows`) was drawn from."""
+    return json.loads(row["meta"])["family"] if isinstance(row["meta"], str) else row["meta"]["family"]
 
 
 def _continuation_rows(tokenizer: Any, cfg: SuiteConfig) -> list[dict[str, Any]]:

@@ -43,7 +43,7 @@ from ffcore.results import out_dirs, read_json
 
 Records = Sequence[Mapping[str, Any]]
 
-SCHEDULES = ("layerwise", "uniform")
+SCHEDULES = ("layerwise", "uniform", "layerwise_literal")  # layerwise: window-aware s_i; _literal: eq. 23 as written
 POLICIES = ("dense", "predictor", "oracle", "first_block_static", "random")
 COMPENSATORS = (None, "plain", "masked")
 DENSE_LABEL = "dense"
@@ -60,6 +60,7 @@ class ConfigSpec:
     compensator: str | None = "plain"
     dense_first: bool = True
     dense_last: bool = True
+    dense_tail: str = "full"
     sparse_decode: bool = False
 
     def __post_init__(self) -> None:
@@ -81,10 +82,10 @@ class ConfigSpec:
         """The spec as flat fields (columns of the result tables)."""
         if self.dense:
             return {"config": self.label, "sparsity": 0.0, "schedule": "-", "policy": "dense", "compensator": "-",
-                    "dense_first": "-", "dense_last": "-", "sparse_decode": False}
+                    "dense_first": "-", "dense_last": "-", "dense_tail": "-", "sparse_decode": False}
         return {"config": self.label, "sparsity": self.sparsity, "schedule": self.schedule, "policy": self.policy,
                 "compensator": self.compensator or "none", "dense_first": self.dense_first,
-                "dense_last": self.dense_last, "sparse_decode": self.sparse_decode}
+                "dense_last": self.dense_last, "dense_tail": self.dense_tail, "sparse_decode": self.sparse_decode}
 
 
 DENSE = ConfigSpec(DENSE_LABEL, sparsity=0.0, policy="dense", compensator=None)
@@ -214,8 +215,9 @@ def build_plan(spec: ConfigSpec, comps: Components, seed: int = 0) -> SparsityPl
     if spec.dense:
         return None
     density = round(1.0 - spec.sparsity, 6)
-    if spec.schedule == "layerwise":
-        densities: float | list[float] = load_schedule(comps.model, density, comps.profile)
+    if spec.schedule.startswith("layerwise"):
+        importance = "literal" if spec.schedule == "layerwise_literal" else "window"
+        densities: float | list[float] = load_schedule(comps.model, density, comps.profile, importance=importance)
     else:
         densities = density
     if spec.policy == "predictor":
@@ -231,7 +233,7 @@ def build_plan(spec: ConfigSpec, comps: Components, seed: int = 0) -> SparsityPl
                              f"{comps.key} was loaded with {sorted(comps.compensators) or 'none'}")
         comp = comps.compensators[spec.compensator]
     return SparsityPlan(densities=densities, policy=policy, dense_first=spec.dense_first, dense_last=spec.dense_last,
-                        sparse_decode=spec.sparse_decode, compensator=comp, seed=seed)
+                        dense_tail=spec.dense_tail, sparse_decode=spec.sparse_decode, compensator=comp, seed=seed)
 
 
 # ------------------------------------------------------------------------------ running

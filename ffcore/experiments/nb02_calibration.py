@@ -9,10 +9,12 @@ import re
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
 from torch import nn
 
-from ffcore.calibration import CalibrationResult, calibrate, check_seq_len
+from ffcore.calibration import CalibrationResult, calibrate, check_seq_len, sink_visible_queries
 from ffcore.config import StrictConfig
+from ffcore.engine import SparsityPlan
 from ffcore.engine.layout import BLOCK_SIZE
 from ffcore.experiments.profiles import pick
 from ffcore.models import load_model, model_fingerprint
@@ -144,3 +146,143 @@ def load_schedule(
     if budget >= 1.0:
         return [1.0] * len(s)
     return layerwise_schedule(s, budget, min_density=doc["min_density"], order=doc["order"])
+
+
+# ------------------------------------------------------------------------------ which schedule is closer to dense
+SCHEDULES = ("uniform", "literal", "window")  # the plans compared: uniform, Algorithm 1 on the paper's s_i, on ours
+
+
+@dataclasses.dataclass
+class ScheduleKLSettings(StrictConfig):
+    """How the schedules are judged end to end: continuation KL to the dense model, oracle experts
+    (so the schedule is the only difference), on windows of every corpus family."""
+
+    windows_per_family: int  # continuation windows per family (eval split)
+    ctx: int  # context tokens per window (beyond a 512-token window, so the confound matters)
+    cont: int  # continuation tokens scored
+    budgets: tuple[float, ...] = (0.5,)  # overall densities compared
+    policy: str = "oracle"  # expert selection in every plan (the schedule alone varies)
+
+    def __post_init__(self) -> None:
+        if min(self.windows_per_family, self.ctx, self.cont) < 1:
+            raise ValueError(f"windows_per_family, ctx and cont must be >= 1: {self}")
+        self.budgets = tuple(check_budget(b) for b in self.budgets)
+
+
+def schedule_kl_settings(profile: str, **overrides: Any) -> ScheduleKLSettings:
+    """The schedule-KL knobs of a run profile."""
+    cfg = pick(profile,
+               smoke=ScheduleKLSettings(windows_per_family=1, ctx=256, cont=8),
+               quick=ScheduleKLSettings(windows_per_family=1, ctx=1024, cont=32),
+               full=ScheduleKLSettings(windows_per_family=3, ctx=1024, cont=64))
+    return cfg.replace(**overrides) if overrides else cfg
+
+
+def schedule_plans(calib: CalibrationResult, budget: float, policy: str = "oracle",
+                   min_density: float = DEFAULT_MIN_DENSITY, order: str = "sorted") -> dict[str, SparsityPlan]:
+    """The three schedules at one budget as plans with the same expert policy: uniform, literal s_i, window-aware s_i."""
+    info = calib.calibration_info()
+    budget = check_budget(budget)
+    return {
+        "uniform": SparsityPlan(densities=budget, policy=policy),
+        "literal": SparsityPlan(densities=tuple(layerwise_schedule(info["s_i"], budget, min_density=min_density,
+                                                                   order=order)), policy=policy),
+        "window": SparsityPlan(densities=tuple(layerwise_schedule(info["s_i_window"], budget,
+                                                                  min_density=min_density, order=order)),
+                               policy=policy),
+    }
+
+
+def schedule_kl_runs(
+    model: nn.Module, tokenizer: Any, calib: CalibrationResult, windows: Sequence[dict], cfg: ScheduleKLSettings,
+    cache: Path | None = None, progress: bool = True, min_density: float = DEFAULT_MIN_DENSITY,
+) -> dict[str, list[dict[str, Any]]]:
+    """Continuation records of the dense model and of every schedule at every budget (`"<schedule> @ <budget>"`)."""
+    from ffcore.evaluation.runner import RunConfig, evaluate
+
+    run = RunConfig(progress=progress)
+    out = {"dense": evaluate(model, tokenizer, windows, None, cache, run)}
+    for b in cfg.budgets:
+        for name, plan in schedule_plans(calib, b, cfg.policy, min_density).items():
+            out[f"{name} @ {b:g}"] = evaluate(model, tokenizer, windows, plan, cache, run)
+    return out
+
+
+def schedule_kl_table(runs: dict[str, Sequence[dict]], model: str, n_boot: int = 2000, seed: int = 0
+                      ) -> list[dict[str, Any]]:
+    """Per budget: each schedule's mean KL and NLL change to dense, and the paired KL difference (95 % bootstrap
+    CI) of each layer-wise schedule against uniform and of the window-aware against the literal one."""
+    from ffcore.evaluation.scoring import paired_difference
+
+    budgets = sorted({float(k.split(" @ ")[1]) for k in runs if " @ " in k}, reverse=True)
+    rows = []
+    for b in budgets:
+        recs = {name: runs[f"{name} @ {b:g}"] for name in SCHEDULES if f"{name} @ {b:g}" in runs}
+        for name, rs in recs.items():
+            kl = paired_difference(recs["uniform"], rs, "kl", n_boot=n_boot, seed=seed)
+            row = {"model": model, "budget": b, "schedule": name, "n": kl["n"], "kl": round(kl["other_mean"], 5),
+                   "nll_increase": round(float(np.mean([r["metrics"]["nll"] - r["metrics"]["dense_nll"]
+                                                        for r in rs if r["task"] == "continuation"])), 5)}
+            if name != "uniform":
+                row.update(kl_minus_uniform=round(kl["diff"], 5), kl_minus_uniform_ci=[round(x, 5) for x in kl["ci"]])
+            if name == "window" and "literal" in recs:
+                d = paired_difference(recs["literal"], rs, "kl", n_boot=n_boot, seed=seed)
+                row.update(kl_minus_literal=round(d["diff"], 5), kl_minus_literal_ci=[round(x, 5) for x in d["ci"]])
+            rows.append(row)
+    return rows
+
+
+def _resolved(ci: Sequence[float]) -> bool:
+    return ci[0] > 0 or ci[1] < 0
+
+
+def _diff(d: float, ci: Sequence[float]) -> str:
+    return f"{d:+.4f} [{ci[0]:+.4f}, {ci[1]:+.4f}]"
+
+
+def schedule_verdict(rows: Sequence[dict[str, Any]]) -> str:
+    """A markdown reading of `schedule_kl_table`'s rows: which schedule is closer to dense, resolved or not."""
+    lines = []
+    for (model, b) in dict.fromkeys((r["model"], r["budget"]) for r in rows):
+        by = {r["schedule"]: r for r in rows if r["model"] == model and r["budget"] == b}
+        parts = [f"**{model}, density {b:g}** (n = {by['uniform']['n']} windows): KL to dense uniform "
+                 f"{by['uniform']['kl']:.4f}"]
+        for name, label in (("literal", "literal s_i"), ("window", "window-aware s_i")):
+            if name in by:
+                r = by[name]
+                ci = r["kl_minus_uniform_ci"]
+                verdict = (("below" if ci[1] < 0 else "above") + " uniform") if _resolved(ci) else "not resolved vs uniform"
+                parts.append(f"{label} {r['kl']:.4f} ({_diff(r['kl_minus_uniform'], ci)}, {verdict})")
+        if "window" in by and "kl_minus_literal" in by["window"]:
+            r = by["window"]
+            ci = r["kl_minus_literal_ci"]
+            verdict = ("lower" if ci[1] < 0 else "higher") if _resolved(ci) else "not resolved"
+            parts.append(f"window-aware minus literal {_diff(r['kl_minus_literal'], ci)}: {verdict}")
+        lines.append("- " + "; ".join(parts) + ".")
+    return "\n".join(lines)
+
+
+def importance_reading(results: dict[str, CalibrationResult]) -> str:
+    """A markdown reading of the two importances per model: the ranges on windowed vs full-attention layers."""
+    lines = []
+    for key, r in results.items():
+        lit, win = r.scores("literal"), r.scores("window")
+        kinds = {"full": [i for i, w in enumerate(r.layer_windows) if w is None],
+                 "windowed": [i for i, w in enumerate(r.layer_windows) if w is not None]}
+        if not kinds["windowed"]:
+            lines.append(f"- **{key}**: every layer attends to the whole prompt, so both importances are the same "
+                         f"(s_i {min(lit):.0f} to {max(lit):.0f} of {r.seq_len}) and so are its schedules.")
+            continue
+
+        def rng(v: list[float], idx: list[int]) -> str:
+            return f"{min(v[i] for i in idx):.0f} to {max(v[i] for i in idx):.0f}"
+
+        w = max(x for x in r.layer_windows if x)
+        n_vis = sink_visible_queries(r.seq_len, r.block_size, w)
+        lines.append(
+            f"- **{key}**: in its {len(kinds['windowed'])} windowed layers only {n_vis} of {r.seq_len} queries can see "
+            f"block 1. Literal s_i: windowed layers {rng(lit, kinds['windowed'])}, full-attention layers "
+            f"{rng(lit, kinds['full'])} (of {r.seq_len}), so Algorithm 1 would favour the windowed layers by "
+            f"geometry. Window-aware: windowed {rng(win, kinds['windowed'])}, full {rng(win, kinds['full'])} "
+            "(unchanged on full-attention layers).")
+    return "\n".join(lines)

@@ -5,8 +5,6 @@ continuation-NLL sanity check and the verdict text.
 from __future__ import annotations
 
 import dataclasses
-import json
-import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -15,12 +13,11 @@ from torch import Tensor, nn
 
 from ffcore.collect import CollectConfig, Collection, load_collection_dir
 from ffcore.config import StrictConfig
-from ffcore.data import FAMILIES, SOURCES, SPLITS, corpus, domains_of, family_of, token_samples
-from ffcore.decoding import continuation_nll
+from ffcore.data import FAMILIES, SOURCES, SPLITS, corpus, domains_of, family_of
 from ffcore.engine import SparsityPlan
 from ffcore.evaluation.runner import RunConfig, evaluate
 from ffcore.evaluation.scoring import gap_closed, paired_difference
-from ffcore.evaluation.suite import continuation_windows
+from ffcore.evaluation.suite import kl_windows, window_family  # noqa: F401  (re-exported for notebooks 03-04)
 from ffcore.experiments.profiles import pick
 from ffcore.models import model_slug
 from ffcore.predictor import (ExpertPredictor, PredictorConfig, TrainResult, load_predictor, predict_scores,
@@ -254,22 +251,6 @@ def learning_curve(
 
 
 # ------------------------------------------------------------------------------ end-to-end: continuation KL
-def kl_windows(tokenizer: Any, families: Sequence[str], n: int, ctx: int, cont: int, seed: int = 0) -> list[dict]:
-    """`n` continuation windows per family (eval split), cycling over the family's installed domains."""
-    rows = []
-    for family in families:
-        doms = domains_of([family])
-        picks = [doms[i % len(doms)] for i in range(n)]
-        for dom in dict.fromkeys(picks):
-            rows += continuation_windows(tokenizer, [dom], picks.count(dom), ctx, cont, seed=seed)
-    return rows
-
-
-def window_family(row: Mapping[str, Any]) -> str:
-    """The family a continuation row (from `kl_windows`) was drawn from."""
-    return json.loads(row["meta"])["family"] if isinstance(row["meta"], str) else row["meta"]["family"]
-
-
 def kl_runs(
     model: nn.Module, tokenizer: Any, windows: Sequence[dict], folds: Mapping[str, Mapping[str, ExpertPredictor]],
     density: float, cache: Path | None, run: RunConfig | None = None,

@@ -124,10 +124,45 @@ def plot_first_block_share(results: Mapping[str, CalibrationResult]) -> plt.Figu
     return fig
 
 
+def plot_importance(results: Mapping[str, CalibrationResult]) -> plt.Figure:
+    """The window confound: per layer, s_i / T by the paper's literal eq. 23 and by the window-aware count,
+    with the share of queries that can see the sink block at all (right axis)."""
+    from ffcore.calibration import sink_visible_queries
+
+    fig, axes = plt.subplots(1, len(results), figsize=(6.2 * len(results), 3.4), squeeze=False)
+    for ax, (key, r) in zip(axes[0], results.items()):
+        x = np.arange(r.n_layers)
+        lit = np.array(r.scores("literal")) / r.seq_len
+        win = np.array(r.scores("window")) / r.seq_len
+        colors = _colors(r)
+        ax.bar(x - 0.2, lit, width=0.4, color=colors, alpha=0.35, hatch="//", edgecolor="k", lw=0.3,
+               label="literal s_i / T (paper eq. 23)")
+        ax.bar(x + 0.2, win, width=0.4, color=colors, edgecolor="k", lw=0.3, label="window-aware s_i / T")
+        vis = [sink_visible_queries(r.seq_len, r.block_size, w) / r.seq_len for w in r.layer_windows]
+        ax2 = ax.twinx()
+        ax2.plot(x, vis, color="k", ls=":", marker=".", lw=1, label="queries that can see block 1")
+        ax2.set_ylim(0, 1.05)
+        ax2.set_ylabel("share of queries that see block 1", fontsize=8)
+        ax.set_ylim(0, 1.15)
+        ax.set_xlabel("layer")
+        ax.set_ylabel("non-sink attention share")
+        ax.set_title(key, fontsize=10)
+        ax.set_xticks(range(0, r.n_layers, 2 if r.n_layers <= 20 else 3))
+        h1, l1 = ax.get_legend_handles_labels()
+        h2, l2 = ax2.get_legend_handles_labels()
+        ax.legend(h1 + h2, l1 + l2, fontsize=7, loc="upper left", ncol=2, frameon=True)
+    fig.suptitle(f"Layer importance with and without the window correction ({next(iter(results.values())).seq_len}"
+                 "-token samples; colour: attention type as in the figures above)", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
 def plot_schedules(
     schedules: Mapping[str, Mapping[float, Sequence[float]]], windows: Mapping[str, Sequence[int | None]] | None = None,
+    literal: Mapping[str, Mapping[float, Sequence[float]]] | None = None,
 ) -> plt.Figure:
-    """Per-layer FFN density from Algorithm 1 for several budgets (dashed: the uniform plan)."""
+    """Per-layer FFN density from Algorithm 1 for several budgets (dashed: the uniform plan; dotted with
+    crosses: the schedule from the paper's literal s_i, when given)."""
     fig, axes = plt.subplots(1, len(schedules), figsize=(6.2 * len(schedules), 3.6), squeeze=False)
     for ax, (key, plans) in zip(axes[0], schedules.items()):
         for c, (budget, dens) in enumerate(sorted(plans.items(), reverse=True)):
@@ -135,6 +170,10 @@ def plot_schedules(
             ax.plot(range(len(dens)), dens, marker="o", ms=3.5, color=color,
                     label=f"{1 - budget:.0%} sparsity (density {budget:g})")
             ax.axhline(budget, color=color, ls="--", lw=1)
+            if literal is not None and budget in literal.get(key, {}):
+                lit = literal[key][budget]
+                ax.plot(range(len(lit)), lit, marker="x", ms=3.5, ls=":", lw=1, color=color,
+                        label=f"  literal s_i, density {budget:g}")
         if windows is not None:
             for i, w in enumerate(windows[key]):
                 if w is None and any(x is not None for x in windows[key]):
@@ -146,6 +185,36 @@ def plot_schedules(
         ax.set_xlabel("layer")
         ax.set_ylabel("FFN density (1 - sparsity)")
         ax.legend(fontsize=7, loc="lower left")
-    fig.suptitle("Layer-wise schedule (Algorithm 1) vs uniform (dashed)", fontsize=10)
+    fig.suptitle("Layer-wise schedule (Algorithm 1) vs uniform (dashed)"
+                 + ("; dotted: from the literal s_i" if literal else ""), fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def plot_schedule_kl(rows: Sequence[Mapping]) -> plt.Figure:
+    """Paired KL differences (95 % bootstrap CI) between schedules, per model and budget (notebook 02)."""
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    fig, axes = plt.subplots(1, len(models), figsize=(5.6 * len(models), 2.6), squeeze=False)
+    for ax, model in zip(axes[0], models):
+        labels, vals, los, his = [], [], [], []
+        for r in rows:
+            if r["model"] != model:
+                continue
+            for field, label in (("kl_minus_uniform", f"{r['schedule']} - uniform"),
+                                 ("kl_minus_literal", "window - literal")):
+                if field in r:
+                    d, (lo, hi) = r[field], r[f"{field}_ci"]
+                    labels.append(f"{label} (density {r['budget']:g})")
+                    vals.append(d)
+                    los.append(d - lo)
+                    his.append(hi - d)
+        y = np.arange(len(labels))
+        ax.errorbar(vals, y, xerr=[los, his], fmt="o", color=PALETTE[2], capsize=3)
+        ax.axvline(0, color="k", lw=0.8)
+        ax.set_yticks(y, labels, fontsize=8)
+        ax.invert_yaxis()
+        ax.set_xlabel("paired difference in continuation KL to dense")
+        ax.set_title(model, fontsize=10)
+    fig.suptitle("Schedules compared with oracle experts (left of 0: closer to the dense model)", fontsize=10)
     fig.tight_layout()
     return fig
