@@ -58,14 +58,18 @@ def check_profile(profile: str) -> None:
         raise ValueError(f"unknown profile {profile!r}; choose one of {PROFILES}")
 
 
+RUN_OUTPUTS = ("results", "figures")  # what a full reproduction itself writes: not a change of the code it ran
+
+
 def _git_commit(root: Path) -> str:
+    """HEAD's short hash, "+dirty" when tracked files other than the run's own outputs differ from it."""
     try:
         out = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5
         )
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True,
-            text=True, timeout=5,
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", *(f":!{d}" for d in RUN_OUTPUTS)],
+            cwd=root, capture_output=True, text=True, timeout=5,
         )
         if out.returncode != 0:
             return "unknown"

@@ -21,3 +21,28 @@ def test_provenance_fields():
     assert {"git_commit", "profile", "device", "versions", "created_utc"} <= p.keys()
     assert p["profile"] == "smoke" and p["seed"] == 3
     assert p["versions"]["torch"] == torch.__version__
+
+
+def test_git_commit_ignores_the_runs_own_outputs(tmp_path):
+    import subprocess
+
+    from ffcore.results import _git_commit
+
+    def git(*args):
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    git("init", "-q")
+    git("config", "user.email", "t@t")
+    git("config", "user.name", "t")
+    for name in ("results/a.json", "figures/b.png", "code.py"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text("0")
+    git("add", ".")
+    git("commit", "-qm", "init")
+    clean = _git_commit(tmp_path)
+    assert clean and not clean.endswith("+dirty")
+    (tmp_path / "results/a.json").write_text("1")
+    (tmp_path / "figures/b.png").write_text("1")
+    assert _git_commit(tmp_path) == clean  # the reproduction's own outputs do not dirty it
+    (tmp_path / "code.py").write_text("1")
+    assert _git_commit(tmp_path) == clean + "+dirty"
