@@ -539,17 +539,19 @@ def fit(
     was_training = model.training
     model.eval()
     try:
-        # 1. calibration -> s_i
+        # 1. calibration -> s_i (window-aware: only the queries that can see the sink block count, notebook 02;
+        #    equal to the paper's eq. 23 on full-attention layers; the literal s_i is kept beside it)
         t0 = time.time()
         key = {"fingerprint": fp, "samples": samples.digest("calibration"), "block_size": cfg.block_size,
-               "chunk_size": cfg.chunk_size}
+               "chunk_size": cfg.chunk_size, "importance": "window"}
         calib_rec = work.done("calibration", key)
         reused = calib_rec is not None
         if not reused:
             calib = calibrate_ids(model, samples.parts["calibration"], cfg.block_size, cfg.chunk_size, cfg.seed,
                                   progress)
             calib_rec = work.finish(
-                "calibration", key, s_i=calib.scores(), first_block_share=calib.first_block_share(),
+                "calibration", key, s_i=calib.scores("window"), s_i_literal=calib.scores("literal"),
+                first_block_share=calib.first_block_share(),
                 layer_windows=calib.layer_windows, n_samples=calib.n_samples, seq_len=calib.seq_len,
                 row_sum_error=calib.row_sum_error(), seconds=round(calib.seconds, 1))
         s_i = calib_rec["s_i"]
@@ -631,7 +633,7 @@ def fit(
     # 6. the bundle
     meta = {
         "model": info, "block_size": cfg.block_size, "dense_first": True, "dense_last": True,
-        "schedule": {"s_i": s_i, "min_density": cfg.min_density, "order": cfg.order,
+        "schedule": {"s_i": s_i, "importance": "window", "min_density": cfg.min_density, "order": cfg.order,
                      "calibration": {k: v for k, v in calib_rec.items() if k not in ("key", "s_i")}},
         "sparsity_range": list(cfg.sparsity_range),
         "predictor": {"training": deployed.meta.get("training")},

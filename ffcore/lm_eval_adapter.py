@@ -14,7 +14,7 @@ own `lm_eval` command does not know `ffcore`. This module is lm-eval's CLI with 
 model_args: `pretrained` (an ffcore key such as `smollm2-135m` or `tiny-llama`, or a local checkpoint
 folder; loaded with `ffcore.load_model`), `sparsity` (0 = dense, the default; density = 1 - sparsity),
 `policy` (`oracle`, `random`, `first_block_static`, `dense`), `block_size` (128), `sparse_decode`
-(False), `seed` (of `random`), `bundle` (a trained FastForward bundle folder; not wired yet),
+(False), `seed` (of `random`), `bundle` (a FastForward bundle folder written by `ffcore.fit`: the deployed plan at `sparsity`),
 `dtype` (`float32`), `engine_backend` (`auto`, `torch`, `triton`), and a few of HFLM's own
 (`max_length`, `logits_cache`, `add_bos_token`, ...).
 

@@ -1,6 +1,8 @@
 """Scores, relative gaps, bootstrap intervals and the chance-level task filter, on synthetic records."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 
@@ -81,6 +83,10 @@ def test_select_tasks_by_chance_level():
     assert strict.kept == ["good"]
     with_ci = S.select_tasks(recs, min_margin=0.15, use_ci=True)  # CI low end of 'good' is 0.25: not enough
     assert "good" not in with_ci.kept
+    # the interval rule with no margin: kept only when the CI's low end lies strictly above chance
+    ci0 = S.select_tasks(recs + _recs("sure", [1, 1, 1, 1, 1, 1], chance=0.2), min_margin=0.0, use_ci=True)
+    assert "sure" in ci0.kept and "floor" not in ci0.kept
+    assert "good" not in ci0.kept  # its interval reaches down to chance (0.25)
 
 
 def test_continuation_table():
@@ -119,3 +125,44 @@ def test_paired_difference_and_gap_closed_on_known_data():
     assert unpaired["ci"][0] < 0 < unpaired["ci"][1]  # no real difference: the interval includes 0
     with pytest.raises(ValueError, match="shared"):
         S.paired_difference(base, [{"uid": "x", "task": "continuation", "metrics": {"kl": 0.0}}])
+
+
+# ----------------------------------------------------------------------------- clustered gaps and the power calculation
+def _multiq_records(values, per_item: int) -> list[dict]:
+    return [{"uid": f"i{i // per_item}/q{i % per_item}", "item_uid": f"i{i // per_item}", "gold_nll": 0.0, "v": float(v)}
+            for i, v in enumerate(values)]
+
+
+def test_gold_probability_by_hand():
+    assert S.gold_probability({"gold_nll": 0.0}) == pytest.approx(100.0)
+    assert S.gold_probability({"gold_nll": math.log(2)}) == pytest.approx(50.0)
+
+
+def test_clustered_gap_by_hand_and_resamples_items():
+    ref = _multiq_records([50, 50, 50, 50, 60, 60, 60, 60], per_item=4)
+    oth = _multiq_records([45, 45, 45, 45, 57, 57, 57, 57], per_item=4)
+    g = S.clustered_gap(ref, oth, lambda r: r["v"], n_boot=400)
+    assert g["n"] == 8 and g["clusters"] == 2
+    assert g["diff"] == pytest.approx(-4.0)
+    assert g["rel_gap_pct"] == pytest.approx((408 / 440 - 1) * 100)
+    # only two clusters: every bootstrap draw is one of {i0,i0}, {i0,i1}, {i1,i1}: the interval spans -5 .. -3
+    assert g["ci"][0] == pytest.approx(-5.0) and g["ci"][1] == pytest.approx(-3.0)
+
+
+def test_clusters_needed_matches_the_known_variance():
+    rng = np.random.default_rng(0)
+    m, k, mu, sigma = 4000, 4, 50.0, 10.0  # per-record paired noise sd sigma, items of k questions
+    dense = [mu] * (m * k)
+    sparse = list(mu + rng.normal(0, sigma, m * k))
+    p = S.clusters_needed(_multiq_records(dense, k), _multiq_records(sparse, k), lambda r: r["v"], 3.0)
+    # cluster totals: A = k mu, B - R A ~ N(0, k sigma^2): m = (1.96 * 100 * sqrt(k) sigma / (k mu * 3))^2
+    expect = (1.959964 * 100 * math.sqrt(k) * sigma / (k * mu * 3.0)) ** 2
+    assert p["clusters_needed"] == pytest.approx(expect, rel=0.05)
+    assert p["half_width_pct_now"] == pytest.approx(1.959964 * 100 * sigma / (mu * math.sqrt(m * k)), rel=0.05)
+    # and the bootstrap interval of a run of that size is about +-3 points wide
+    n_items = p["clusters_needed"]
+    g = S.clustered_gap(_multiq_records(dense[: n_items * k], k), _multiq_records(sparse[: n_items * k], k),
+                         lambda r: r["v"], n_boot=2000)
+    assert (g["rel_ci"][1] - g["rel_ci"][0]) / 2 == pytest.approx(3.0, rel=0.2)
+    with pytest.raises(ValueError):
+        S.clusters_needed(_multiq_records(dense[:4], 4), _multiq_records(sparse[:4], 4), lambda r: r["v"])

@@ -38,7 +38,7 @@ def comparison_pairs(table):
 def run_table(table, *args):
     return _owner(table).run(table, *args)
 
-FIELDS = ("sparsity", "schedule", "policy", "compensator", "dense_first", "dense_last", "sparse_decode")
+FIELDS = ("sparsity", "schedule", "policy", "compensator", "dense_first", "dense_last", "dense_tail", "sparse_decode")
 
 
 class FakeCompensator(nn.Module):
@@ -133,7 +133,7 @@ def test_build_plan_for_every_configuration(comps):
                 assert plan is None
                 continue
             assert isinstance(plan, SparsityPlan)
-            if spec.schedule == "layerwise":
+            if spec.schedule.startswith("layerwise"):
                 assert isinstance(plan.densities, tuple) and len(plan.densities) == L  # plans are immutable
                 assert sum(plan.densities) / L == pytest.approx(1 - spec.sparsity)
                 assert len(set(plan.densities)) > 1  # really layer-wise
@@ -143,8 +143,8 @@ def test_build_plan_for_every_configuration(comps):
             if spec.policy != "predictor":
                 assert plan.policy == spec.policy
             assert plan.compensator is (comps.compensators.get(spec.compensator) if spec.compensator else None)
-            assert (plan.dense_first, plan.dense_last, plan.sparse_decode) == (
-                spec.dense_first, spec.dense_last, spec.sparse_decode)
+            assert (plan.dense_first, plan.dense_last, plan.dense_tail, plan.sparse_decode) == (
+                spec.dense_first, spec.dense_last, spec.dense_tail, spec.sparse_decode)
     no_comp = dataclasses.replace(comps, compensators={})
     with pytest.raises(ValueError, match="compensator"):
         T.build_plan(T.method(0.5), no_comp)
@@ -182,20 +182,23 @@ def test_run_table_is_incremental_and_shares_rows(comps, suite, tmp_path, monkey
     cache = tmp_path / "cache"
     t4 = run_table("table4", {"tiny-llama": comps}, {"tiny-llama": suite}, kept, cfg, cache)
     n_rows = len(suite)
-    assert len(calls) == 3 * n_rows  # dense, layer-wise, uniform
-    assert [r["config"] for r in t4.rows] == ["dense", "layer-wise 50%", "uniform 50%"]
+    assert len(calls) == 3 * n_rows  # dense, layer-wise (= literal here), uniform
+    assert [r["config"] for r in t4.rows] == ["dense", "layer-wise 50%", "uniform 50%", "layer-wise 50%, literal s_i"]
     for r in t4.rows:
         assert r["model"] == "tiny-llama" and r["table"] == "table4" and r["n_samples"] == n_rows
         assert 0 <= r["average"] <= 100 and r["average_ci_low"] <= r["average"] + 1e-9
     assert json.dumps(t4.rows[0]["rel_gap_pct"]) in ("0.0", "NaN")  # random model: dense may score 0
-    assert {c["other"] for c in t4.comparisons} == {"uniform 50%"}
-    assert [(c["reference"], c["other"], c["n"]) for c in t4.kl] == [("layer-wise 50%", "uniform 50%", 1)]
+    lit = "layer-wise 50%, literal s_i"  # no windowed layer in the tiny model: the same plan as layer-wise (cached)
+    assert {c["other"] for c in t4.comparisons} == {"uniform 50%", lit}
+    assert [(c["reference"], c["other"], c["n"]) for c in t4.kl] == [("layer-wise 50%", "uniform 50%", 1),
+                                                                     ("layer-wise 50%", lit, 1)]
     assert "uniform 50%" in T.kl_verdict(t4.kl)
-    assert {r["config"] for r in t4.continuation} == {"dense", "layer-wise 50%", "uniform 50%"}
+    assert {r["config"] for r in t4.continuation} == {"dense", "layer-wise 50%", "uniform 50%", lit}
     assert {(r["config"], r["task"]) for r in t4.tasks} == {
-        (c, t) for c in ("dense", "layer-wise 50%", "uniform 50%") for t in ("passkey", "continuation")}
+        (c, t) for c in ("dense", "layer-wise 50%", "uniform 50%", lit) for t in ("passkey", "continuation")}
 
-    per_sample = sum(r["time_s"] for recs in t4.records["tiny-llama"].values() for r in recs)
+    per_sample = sum(r["time_s"] for name, recs in t4.records["tiny-llama"].items() for r in recs
+                     if name != lit)  # the literal row's records are the layer-wise row's, counted once
     assert T.fresh_seconds(t4) == pytest.approx(per_sample, abs=0.2)
     calls.clear()
     again = run_table("table4", {"tiny-llama": comps}, {"tiny-llama": suite}, kept, cfg, cache)
@@ -231,8 +234,10 @@ def test_cache_key_changes_with_the_plan_of_each_configuration(comps):
             plan = T.build_plan(spec, comps)
             keys.add((spec.label if spec.dense else None, R.config_key(fp, plan, "ffcore-local/1", 0)))
     distinct = {k for _, k in keys}
-    # dense + Table 2 (3) + one new row in Table 3 + 1 (T4) + 2 (T5) + 2 (T6) + 2 (T7) = 12 distinct configurations
-    assert len(distinct) == 12
+    # dense + Table 2 (3) + one new row in Table 3 + 1 (T4) + 2 (T5) + 2 (T6) + 2 (T7) = 12 distinct configurations,
+    # + the literal-s_i schedule (T4) and the grid tail (T5); on the tiny model with no windowed layer the literal
+    # schedule equals the window-aware one, so it shares its key
+    assert len(distinct) == 13
 
 
 # ------------------------------------------------------------------------------ tabulating
@@ -286,7 +291,7 @@ def test_settings_and_selection_round_trip(tmp_path, monkeypatch):
     s = T.settings("smoke")
     assert s.min_margin is None and s.ablation_models == ("tiny-llama",)
     full = T.settings("full")
-    assert full.min_margin == 0.15 and full.ablation_models == ("gemma3-270m",) and full.sparsities == (0.3, 0.4, 0.5)
+    assert full.min_margin == 0.0 and full.select_by_ci and full.ablation_models == ("gemma3-270m",) and full.sparsities == (0.3, 0.4, 0.5)
     assert set(T.settings("full", all_ablation_models=True).ablation_models) == {"gemma3-270m", "smollm2-135m"}
     with pytest.raises(ValueError, match="unknown key"):
         T.AccuracySettings.from_dict({"suite": {}, "samples": 3})
@@ -336,12 +341,13 @@ def test_kl_comparisons_and_verdict():
     def recs(kls):
         return [{"uid": f"c{i}", "task": "continuation", "metrics": {"kl": k}} for i, k in enumerate(kls)]
     results = {"+ dense first & last": recs([0.02, 0.03, 0.025]), "all blocks sparse": recs([0.06, 0.07, 0.05]),
-               "+ dense first": recs([0.021, 0.029, 0.026])}
+               "+ dense first": recs([0.021, 0.029, 0.026]),
+               "+ dense first & last (grid tail)": recs([0.022, 0.031, 0.024])}
     rows = T.kl_comparisons("table5", "m", results, comparison_pairs("table5"), n_boot=500)
     by = {(r["reference"], r["other"]): r for r in rows}
     worse = by[("+ dense first & last", "all blocks sparse")]
     assert worse["kl_change_pct"] > 100 and worse["resolved"] and worse["agrees_with_paper"] is True
     assert by[("+ dense first & last", "+ dense first")]["agrees_with_paper"] in (True, False, None)
     text = T.kl_verdict(rows)
-    assert text.count("\n") == 2 and "further from dense" in text and "consistent" in text
+    assert text.count("\n") == 3 and "further from dense" in text and "consistent" in text
     assert T.kl_comparisons("table5", "m", {k: [] for k in results}, comparison_pairs("table5")) == []

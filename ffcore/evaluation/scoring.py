@@ -14,7 +14,8 @@ which removes the between-sample variance that both configurations share.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping, Sequence
+import math
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -246,7 +247,8 @@ class TaskSelection:
 def select_tasks(
     dense_records: Records, min_margin: float = 0.15, use_ci: bool = False, n_boot: int = 2000, seed: int = 0,
 ) -> TaskSelection:
-    """Keep tasks where the dense model is well above chance: score (or CI low end if use_ci) >= chance + min_margin.
+    """Keep tasks where the dense model is above chance: score >= chance + min_margin, or with `use_ci` the lower end
+    of the score's 95 % bootstrap interval strictly above chance + min_margin.
 
     Scores and chance levels are on the metric's 0-1 scale (min_margin=0.15 means 15
     points above chance). A task measured near its floor cannot show a sparsity gap.
@@ -256,10 +258,94 @@ def select_tasks(
     for row in table:
         basis = row["ci_low"] if use_ci else row["score"]
         row["margin"] = row["score"] - row["chance"]
-        row["kept"] = bool(basis >= row["chance"] + min_margin)
+        row["kept"] = bool(basis > row["chance"] + min_margin if use_ci else basis >= row["chance"] + min_margin)
         if row["kept"]:
             kept.append(row["task"])
         else:
             what = "CI low end" if use_ci else "dense score"
-            dropped[row["task"]] = (f"{what} {basis:.3f} < chance {row['chance']:.3f} + margin {min_margin:.3f}")
+            dropped[row["task"]] = (f"{what} {basis:.3f} {'<=' if use_ci else '<'} chance {row['chance']:.3f} "
+                                    f"+ margin {min_margin:.3f}")
     return TaskSelection(kept, dropped, table)
+
+
+# ------------------------------------------------------------------------------ clustered paired gaps and power
+def gold_probability(record: Mapping[str, Any]) -> float:
+    """A continuous 0-100 score of one generated answer: 100 x the gold answer's per-token geometric-mean
+    probability under teacher forcing, exp(-gold_nll) (multi-question records, `ffcore.evaluation.multiq`)."""
+    return 100.0 * math.exp(-float(record["gold_nll"]))
+
+
+def _cluster_sums(reference: Records, other: Records, value: Callable[[Mapping[str, Any]], float],
+                  cluster: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-cluster sums of `value` over the records both groups share (paired by uid), and the cluster sizes."""
+    ref = {r["uid"]: r for r in reference}
+    oth = {r["uid"]: r for r in other}
+    uids = sorted(set(ref) & set(oth))
+    if not uids:
+        raise ValueError("no record is shared by the two configurations")
+    index: dict[str, int] = {}
+    a: list[float] = []
+    b: list[float] = []
+    size: list[int] = []
+    for u in uids:
+        c = index.setdefault(str(ref[u].get(cluster, u)), len(index))
+        if c == len(a):
+            a.append(0.0)
+            b.append(0.0)
+            size.append(0)
+        a[c] += value(ref[u])
+        b[c] += value(oth[u])
+        size[c] += 1
+    return np.array(a), np.array(b), np.array(size, dtype=float)
+
+
+def clustered_gap(
+    reference: Records, other: Records, value: Callable[[Mapping[str, Any]], float], cluster: str = "item_uid",
+    n_boot: int = 2000, level: float = 0.95, seed: int = 0,
+) -> dict[str, Any]:
+    """Paired difference (other - reference) of a per-record score and its relative gap in %, with a bootstrap
+    over clusters (questions of one prefilled context are not independent: whole items are resampled)."""
+    a, b, size = _cluster_sums(reference, other, value, cluster)
+    m, n = len(a), int(size.sum())
+    idx = np.random.default_rng(seed).integers(0, m, size=(n_boot, m))
+    sa, sb, sn = a[idx].sum(1), b[idx].sum(1), size[idx].sum(1)
+    q = ((1 - level) / 2, (1 + level) / 2)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rel = (b.sum() / a.sum() - 1) * 100 if a.sum() != 0 else float("nan")
+        rel_boot = (sb / sa - 1) * 100
+    rel_boot = rel_boot[np.isfinite(rel_boot)]
+    diff_boot = (sb - sa) / sn
+    return {"n": n, "clusters": m, "reference_mean": float(a.sum() / n), "other_mean": float(b.sum() / n),
+            "diff": float((b.sum() - a.sum()) / n), "ci": tuple(float(np.quantile(diff_boot, x)) for x in q),
+            "rel_gap_pct": float(rel),
+            "rel_ci": tuple(float(np.quantile(rel_boot, x)) for x in q) if rel_boot.size else (float("nan"),) * 2}
+
+
+def clusters_needed(
+    reference: Records, other: Records, value: Callable[[Mapping[str, Any]], float], half_width_pct: float = 3.0,
+    cluster: str = "item_uid", level: float = 0.95,
+) -> dict[str, Any]:
+    """Power calculation from a pilot: how many clusters (items) make the `level` interval of the relative gap
+    at most +-`half_width_pct` points, by the delta method for a ratio of cluster totals.
+
+    With cluster totals A_c, B_c (m clusters), R = sum B / sum A and mean total a = sum A / m, the relative gap
+    100 (R - 1) has standard error 100 sd(B_c - R A_c) / (a sqrt(m)); solving z * se <= h for m gives the count.
+    """
+    from statistics import NormalDist
+
+    if half_width_pct <= 0:
+        raise ValueError(f"half_width_pct must be > 0, got {half_width_pct}")
+    a, b, size = _cluster_sums(reference, other, value, cluster)
+    m, n = len(a), int(size.sum())
+    if m < 2:
+        raise ValueError("a power calculation needs a pilot of at least 2 clusters")
+    if a.sum() <= 0:
+        raise ValueError("the reference's total score is 0: a relative gap is undefined")
+    z = NormalDist().inv_cdf(0.5 + level / 2)
+    R = b.sum() / a.sum()
+    sd = float(np.std(b - R * a, ddof=1))
+    abar = float(a.mean())
+    se = 100 * sd / (abar * math.sqrt(m))
+    need = math.ceil((z * 100 * sd / (abar * half_width_pct)) ** 2) if sd > 0 else 1
+    return {"pilot_clusters": m, "pilot_records": n, "records_per_cluster": n / m, "half_width_pct_now": z * se,
+            "clusters_needed": max(2, need), "target_half_width_pct": half_width_pct}

@@ -19,9 +19,11 @@ def table_specs(table: str, ablation: float = 0.5) -> list[ConfigSpec]:
     """The configurations of one ablation table (dense first); each varies one factor of `method(ablation)`."""
     a = ablation
     specs = {
-        "table4": [method(a, f"layer-wise {a:.0%}"), method(a, f"uniform {a:.0%}", schedule="uniform")],
+        "table4": [method(a, f"layer-wise {a:.0%}"), method(a, f"uniform {a:.0%}", schedule="uniform"),
+                   method(a, f"layer-wise {a:.0%}, literal s_i", schedule="layerwise_literal")],
         "table5": [method(a, "all blocks sparse", dense_first=False, dense_last=False),
-                   method(a, "+ dense first", dense_last=False), method(a, "+ dense first & last")],
+                   method(a, "+ dense first", dense_last=False), method(a, "+ dense first & last"),
+                   method(a, "+ dense first & last (grid tail)", dense_tail="grid")],
         "table6": [method(a, "no compensator", compensator=None), method(a, "plain compensator"),
                    method(a, "mask-conditioned compensator", compensator="masked")],
         "table7": [method(a, "trained predictor"), method(a, "per-block oracle", policy="oracle"),
@@ -37,8 +39,10 @@ def comparison_pairs(table: str, ablation: float = 0.5) -> list[tuple[str, str, 
     """The paper's claims of a table as (reference, other, expectation) triples (expectation: 'worse', 'similar', 'none')."""
     a = f"{ablation:.0%}"
     pairs = {
-        "table4": [(f"layer-wise {a}", f"uniform {a}", "worse")],
+        "table4": [(f"layer-wise {a}", f"uniform {a}", "worse"),
+                   (f"layer-wise {a}", f"layer-wise {a}, literal s_i", "none")],  # ours vs the paper's eq. 23
         "table5": [("+ dense first & last", "+ dense first", "worse"),
+                   ("+ dense first & last", "+ dense first & last (grid tail)", "none"),  # our full-block tail
                    ("+ dense first & last", "all blocks sparse", "worse"),
                    ("+ dense first", "all blocks sparse", "worse")],
         "table6": [("plain compensator", "no compensator", "worse"),

@@ -85,3 +85,39 @@ def selection_chart(table: Sequence[Mapping[str, Any]]) -> "plt.Figure":
     fig.suptitle("Dense model vs chance: which tasks measure anything", fontsize=11, fontweight="bold")
     fig.tight_layout()
     return fig
+
+
+def multiq_forest(rows: Sequence[Mapping[str, Any]], highlight: str | None = None) -> plt.Figure:
+    """Forest plot of the multi-question results: per model, the relative gap to dense (%, 95 % CI over items) of
+    the gold-answer probability (circles) and of the answer score (crosses), per task and pooled ('all', bold);
+    the configuration named `highlight` (the full method) in the accent colour."""
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    fig, axes = plt.subplots(1, len(models), figsize=(6.0 * len(models), 0.8 + 0.32 * sum(
+        1 for r in rows if r["model"] == models[0] and "gold_prob_rel_ci" in r)), squeeze=False)
+    for ax, model in zip(axes[0], models):
+        mine = [r for r in rows if r["model"] == model and "gold_prob_rel_ci" in r]
+        labels = []
+        for y, r in enumerate(mine):
+            color = PALETTE[1] if r["config"] == highlight else PALETTE[0]
+            for field, ci, marker, dy in (("gold_prob_rel_gap_pct", "gold_prob_rel_ci", "o", -0.12),
+                                          ("score_rel_gap_pct", "score_rel_ci", "x", 0.12)):
+                v, (lo, hi) = r[field], r[ci]
+                if not all(map(math.isfinite, (v, lo, hi))):
+                    continue
+                ax.errorbar([v], [y + dy], xerr=[[max(0.0, v - lo)], [max(0.0, hi - v)]], fmt=marker, color=color, ms=5, capsize=2,
+                            alpha=1.0 if r["task"] == "all" else 0.75)
+            labels.append(f"{r['config']} · {r['task']}")
+        ax.axvline(0, color="k", lw=0.8)
+        for x in (-3, 3):
+            ax.axvline(x, color="k", ls=":", lw=0.6)
+        ax.set_yticks(range(len(labels)), labels, fontsize=7)
+        for tick, r in zip(ax.get_yticklabels(), mine):
+            if r["task"] == "all":
+                tick.set_fontweight("bold")
+        ax.invert_yaxis()
+        ax.set_xlabel("relative gap to dense, % (o gold-answer probability, x answer score)")
+        ax.set_title(model, fontsize=10)
+    fig.suptitle("Many questions per context: paired gaps to dense with 95 % intervals over contexts "
+                 "(dotted: +-3 %)", fontsize=10)
+    fig.tight_layout()
+    return fig

@@ -206,8 +206,8 @@ def plot_schedule_kl(rows: Sequence[Mapping]) -> plt.Figure:
                     d, (lo, hi) = r[field], r[f"{field}_ci"]
                     labels.append(f"{label} (density {r['budget']:g})")
                     vals.append(d)
-                    los.append(d - lo)
-                    his.append(hi - d)
+                    los.append(max(0.0, d - lo))
+                    his.append(max(0.0, hi - d))
         y = np.arange(len(labels))
         ax.errorbar(vals, y, xerr=[los, his], fmt="o", color=PALETTE[2], capsize=3)
         ax.axvline(0, color="k", lw=0.8)
