@@ -162,9 +162,27 @@ class Section:
     title: str
     render: Callable[[Sequence[Row]], str]
     notebook: str
+    rows_key: str = "rows"  # the list of rows inside the file (write_table: 'rows')
+
+
+def schedule_kl_table(rows: Sequence[Row]) -> str:
+    """Notebook 02: continuation KL of the uniform / literal-s_i / window-aware schedules, oracle experts."""
+    body = []
+    for r in rows:
+        vs_u = ("reference" if r.get("schedule") == "uniform" else
+                f"{_num(r.get('kl_minus_uniform'), 4, True)} {_ci(*(r.get('kl_minus_uniform_ci') or (None, None)), 4, True)}")
+        vs_l = (f"{_num(r.get('kl_minus_literal'), 4, True)} {_ci(*(r.get('kl_minus_literal_ci') or (None, None)), 4, True)}"
+                if "kl_minus_literal" in r else "")
+        body.append([r.get("model", "?"), _num(r.get("budget"), 1), r.get("schedule", "?"), _num(r.get("kl"), 4),
+                     vs_u, vs_l, str(r.get("n", "?"))])
+    return _md_table(["model", "density", "schedule", "KL to dense", "minus uniform [95 % CI]",
+                      "window minus literal [95 % CI]", "windows"], body)
 
 
 SECTIONS: tuple[Section, ...] = (
+    Section("02_attention_sink_calibration", "Layer-wise schedules by continuation KL, oracle experts (paper Table 4's "
+            "question; window-aware vs the paper's literal s_i)", schedule_kl_table, "02_attention_sink_calibration",
+            rows_key="schedule_kl"),
     Section("03_predictor_comparison", "Expert predictor vs baselines, held-out blocks at 50 % density (paper Table 7, offline)",
             predictor_table, "03_predictor_training"),
     Section("04_compensator_comparison", "Error compensator on held-out blocks, predictor masks, 50 % density "
@@ -189,10 +207,10 @@ SECTIONS: tuple[Section, ...] = (
 )
 
 
-def _load(path: Path) -> dict[str, Any]:
+def _load(path: Path, rows_key: str = "rows") -> dict[str, Any]:
     doc = json.loads(path.read_text())
-    if not isinstance(doc, dict) or not isinstance(doc.get("rows"), list):
-        raise ValueError(f"{path} is not a table written by ffcore.results.write_table (no 'rows' list)")
+    if not isinstance(doc, dict) or not isinstance(doc.get(rows_key), list):
+        raise ValueError(f"{path} has no {rows_key!r} list of rows (ffcore.results.write_table writes 'rows')")
     return doc
 
 
@@ -217,8 +235,8 @@ def render(results_dir: Path | str, sections: Sequence[Section] = SECTIONS) -> s
         if not path.exists():
             missing.append(f"`{sec.name}` (notebook `{sec.notebook}`)")
             continue
-        doc = _load(path)
-        parts.append(f"### {sec.title}\n\n{sec.render(doc['rows'])}\n\n<sub>`results/{sec.name}.json`: "
+        doc = _load(path, sec.rows_key)
+        parts.append(f"### {sec.title}\n\n{sec.render(doc[sec.rows_key])}\n\n<sub>`results/{sec.name}.json`: "
                      f"{_provenance(doc)}</sub>")
     if missing:
         parts.append("Not generated yet: " + ", ".join(missing) + ".")

@@ -129,7 +129,7 @@ def plot_importance(results: Mapping[str, CalibrationResult]) -> plt.Figure:
     with the share of queries that can see the sink block at all (right axis)."""
     from ffcore.calibration import sink_visible_queries
 
-    fig, axes = plt.subplots(1, len(results), figsize=(6.2 * len(results), 3.4), squeeze=False)
+    fig, axes = plt.subplots(1, len(results), figsize=(6.2 * len(results), 3.9), squeeze=False)
     for ax, (key, r) in zip(axes[0], results.items()):
         x = np.arange(r.n_layers)
         lit = np.array(r.scores("literal")) / r.seq_len
@@ -143,14 +143,14 @@ def plot_importance(results: Mapping[str, CalibrationResult]) -> plt.Figure:
         ax2.plot(x, vis, color="k", ls=":", marker=".", lw=1, label="queries that can see block 1")
         ax2.set_ylim(0, 1.05)
         ax2.set_ylabel("share of queries that see block 1", fontsize=8)
-        ax.set_ylim(0, 1.15)
+        ax.set_ylim(0, 1.05)
         ax.set_xlabel("layer")
         ax.set_ylabel("non-sink attention share")
         ax.set_title(key, fontsize=10)
         ax.set_xticks(range(0, r.n_layers, 2 if r.n_layers <= 20 else 3))
         h1, l1 = ax.get_legend_handles_labels()
         h2, l2 = ax2.get_legend_handles_labels()
-        ax.legend(h1 + h2, l1 + l2, fontsize=7, loc="upper left", ncol=2, frameon=True)
+        ax.legend(h1 + h2, l1 + l2, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=3, frameon=False)
     fig.suptitle(f"Layer importance with and without the window correction ({next(iter(results.values())).seq_len}"
                  "-token samples; colour: attention type as in the figures above)", fontsize=10)
     fig.tight_layout()
@@ -214,6 +214,7 @@ def plot_schedule_kl(rows: Sequence[Mapping]) -> plt.Figure:
         ax.set_yticks(y, labels, fontsize=8)
         ax.invert_yaxis()
         ax.set_xlabel("paired difference in continuation KL to dense")
+        ax.xaxis.set_major_locator(MaxNLocator(5))
         ax.set_title(model, fontsize=10)
     fig.suptitle("Schedules compared with oracle experts (left of 0: closer to the dense model)", fontsize=10)
     fig.tight_layout()
