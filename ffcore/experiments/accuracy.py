@@ -29,6 +29,8 @@ from statistics import fmean
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from ffcore.evaluation.multiq import ITEM_BUILDERS, SHARES, build_items, evaluate_items
+from ffcore.evaluation.scoring import clustered_gap, clusters_needed, gold_probability
 from ffcore.config import StrictConfig
 from ffcore.engine import SparsityPlan
 from ffcore.evaluation.runner import RunConfig, evaluate
@@ -577,8 +579,6 @@ class MultiQSettings(StrictConfig):
     half_width_pct: float = 3.0
 
     def __post_init__(self) -> None:
-        from ffcore.evaluation.multiq import ITEM_BUILDERS, SHARES
-
         self.tasks = tuple(self.tasks)
         unknown = sorted(set(self.tasks) - set(ITEM_BUILDERS))
         if unknown:
@@ -600,8 +600,6 @@ def multiq_settings(profile: str, **overrides: Any) -> MultiQSettings:
 
 def build_multiq_items(tokenizer: Any, cfg: MultiQSettings, seed: int = 0) -> list[dict[str, Any]]:
     """The items of every task of `cfg` (deterministic for a tokenizer and seed)."""
-    from ffcore.evaluation.multiq import build_items
-
     per = {t: {"n_questions": cfg.n_questions} for t in cfg.tasks}
     return build_items(tokenizer, cfg.tasks, n_items=cfg.n_items, context_tokens=cfg.context_tokens, seed=seed, **per)
 
@@ -609,8 +607,6 @@ def build_multiq_items(tokenizer: Any, cfg: MultiQSettings, seed: int = 0) -> li
 def run_multiq(comps: Components, specs: Sequence[ConfigSpec], items: Sequence[dict[str, Any]], cfg: MultiQSettings,
                cache: str | Path | None, seed: int = 0, progress: bool = False) -> dict[str, list[dict[str, Any]]]:
     """Per-question records of every configuration on the items (through the cache)."""
-    from ffcore.evaluation.multiq import evaluate_items
-
     return {spec.label: evaluate_items(comps.model, comps.tokenizer, items, build_plan(spec, comps, seed), cache,
                                        progress=progress, share=cfg.share) for spec in specs}
 
@@ -623,8 +619,6 @@ def multiq_rows(model: str, runs: Mapping[str, Records], reference: str = DENSE_
                 seed: int = 0) -> list[dict[str, Any]]:
     """Per configuration and task (and all tasks pooled): exact-match style score and gold probability (0-100),
     their paired differences to `reference` with intervals that resample whole items, and the gold NLL change."""
-    from ffcore.evaluation.scoring import clustered_gap, gold_probability
-
     rows = []
     ref = runs[reference]
     tasks = list(dict.fromkeys(r["task"] for r in ref))
@@ -653,8 +647,6 @@ def multiq_power(model: str, runs: Mapping[str, Records], config: str, half_widt
                  reference: str = DENSE_LABEL) -> list[dict[str, Any]]:
     """The power calculation from this run as a pilot: items needed for +-`half_width_pct` on the relative gap of
     the gold probability (and of the exact-match score) of `config` against `reference`, per task and pooled."""
-    from ffcore.evaluation.scoring import clusters_needed, gold_probability
-
     rows = []
     ref, oth = runs[reference], runs[config]
     for task in [*dict.fromkeys(r["task"] for r in ref), "all"]:

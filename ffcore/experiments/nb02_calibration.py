@@ -12,6 +12,8 @@ from typing import Any, Sequence
 import numpy as np
 from torch import nn
 
+from ffcore.evaluation.runner import RunConfig, evaluate
+from ffcore.evaluation.scoring import paired_difference
 from ffcore.calibration import CalibrationResult, calibrate, check_seq_len, sink_visible_queries
 from ffcore.config import StrictConfig
 from ffcore.engine import SparsityPlan
@@ -198,8 +200,6 @@ def schedule_kl_runs(
     cache: Path | None = None, progress: bool = True, min_density: float = DEFAULT_MIN_DENSITY,
 ) -> dict[str, list[dict[str, Any]]]:
     """Continuation records of the dense model and of every schedule at every budget (`"<schedule> @ <budget>"`)."""
-    from ffcore.evaluation.runner import RunConfig, evaluate
-
     run = RunConfig(progress=progress)
     out = {"dense": evaluate(model, tokenizer, windows, None, cache, run)}
     for b in cfg.budgets:
@@ -212,8 +212,6 @@ def schedule_kl_table(runs: dict[str, Sequence[dict]], model: str, n_boot: int =
                       ) -> list[dict[str, Any]]:
     """Per budget: each schedule's mean KL and NLL change to dense, and the paired KL difference (95 % bootstrap
     CI) of each layer-wise schedule against uniform and of the window-aware against the literal one."""
-    from ffcore.evaluation.scoring import paired_difference
-
     budgets = sorted({float(k.split(" @ ")[1]) for k in runs if " @ " in k}, reverse=True)
     rows = []
     for b in budgets:
