@@ -6,6 +6,10 @@ from __future__ import annotations
 import math
 from typing import Any, Mapping, Sequence
 
+from ffcore.engine import SparsityPlan
+from ffcore.engine.plan import check_decode_context
+from ffcore.evaluation.runner import evaluate
+from ffcore.evaluation.scoring import paired_difference
 from ffcore.experiments.accuracy import (DENSE, DENSE_LABEL, AccuracySettings, Components, ConfigSpec, TableResult,
                                         fmt_ci, method, run_table)
 
@@ -109,8 +113,6 @@ def decode_diagnosis_plans(
     selection alone), the block size and the dense tail. Without a predictor its rows are left out and
     the table's reference falls back to 'oracle, token'. 'dense' maps to None (the runner's reference).
     """
-    from ffcore.engine import SparsityPlan
-    from ffcore.engine.plan import check_decode_context
 
     for c in contexts:
         if check_decode_context(c) == "token":
@@ -138,7 +140,6 @@ def decode_diagnosis_plans(
 def decode_diagnosis_runs(model: Any, tokenizer: Any, windows: Sequence[Mapping[str, Any]], plans: Mapping[str, Any],
                           cache: Any = None, run: Any = None) -> dict[str, list[dict[str, Any]]]:
     """Continuation records of every configuration on `windows` (e.g. `nb03_predictor.kl_windows`), through the cache."""
-    from ffcore.evaluation.runner import evaluate
 
     return {label: evaluate(model, tokenizer, list(windows), plan, cache, run) for label, plan in plans.items()}
 
@@ -161,7 +162,6 @@ def decode_diagnosis_table(
     decode sparsity adds (this config minus the same policy's prefill-only run). Paired over windows
     (matched by uid), resampling windows, not tokens. The dense row, when present, is skipped.
     """
-    from ffcore.evaluation.scoring import paired_difference
 
     if reference is None:
         reference = next((r for r in (DECODE_REFERENCE, "oracle, token") if r in runs), None)

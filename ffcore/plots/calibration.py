@@ -7,7 +7,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
-from ffcore.calibration import CalibrationResult
+from ffcore.calibration import CalibrationResult, sink_visible_queries
 from ffcore.plots import PALETTE
 
 FULL_COLOR, SLIDING_COLOR = PALETTE[1], PALETTE[0]
@@ -127,8 +127,6 @@ def plot_first_block_share(results: Mapping[str, CalibrationResult]) -> plt.Figu
 def plot_importance(results: Mapping[str, CalibrationResult]) -> plt.Figure:
     """The window confound: per layer, s_i / T by the paper's literal eq. 23 and by the window-aware count,
     with the share of queries that can see the sink block at all (right axis)."""
-    from ffcore.calibration import sink_visible_queries
-
     fig, axes = plt.subplots(1, len(results), figsize=(6.2 * len(results), 3.9), squeeze=False)
     for ax, (key, r) in zip(axes[0], results.items()):
         x = np.arange(r.n_layers)
