@@ -202,17 +202,7 @@ def test_window_selects_every_step_and_token_never_uses_a_window(model):
 
 
 # ------------------------------------------------------------------------------ (d) 'token' is today's decode
-def _masked_decode_mlp(mlp, k):
-    """The dense MLP of one decode token with all but its own top-k oracle neurons zeroed (tests/test_engine.py)."""
-    fused = fused_ffn(mlp)
-
-    def forward(x):  # x [1, 1, d]
-        h = dense_activations(x[0], fused)  # [1, f]
-        mask = torch.zeros_like(h)
-        mask[:, topk_sorted(griffin_scores(h), k)] = 1.0
-        return ((h * mask) @ fused.w_down_t)[None]
-
-    return forward
+from tests.test_engine import _masked_decode_mlp  # noqa: E402  (the one masked decode reference)
 
 
 @torch.no_grad()
