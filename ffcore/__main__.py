@@ -21,7 +21,6 @@ import torch
 from ffcore.bundle import FastForward, read_meta
 from ffcore.decoding import FULL, eos_ids, greedy_decode
 from ffcore.engine import sparsify
-from ffcore.engine.layout import sparse_token_count
 from ffcore.fitting import FitConfig, fit
 from ffcore.models import load_model
 from ffcore.timing import interleaved, model_sync, ratio

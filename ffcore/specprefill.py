@@ -41,9 +41,7 @@ import dataclasses
 import enum
 import inspect
 import math
-import statistics
-import time
-from typing import Any, Callable, Iterator, NamedTuple, Sequence
+from typing import Any, Iterator, NamedTuple
 
 import torch
 import torch.nn.functional as F

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from ffcore.collect import collect, load_collection_dir
 from ffcore.data import FAMILIES, SOURCES

@@ -131,3 +131,41 @@ def test_diagnosis_runs_through_the_runner_on_a_tiny_model():
                                             None, RunConfig(progress=False))
     for recs in dense_runs.values():
         assert all(r["metrics"]["kl"] < 1e-6 for r in recs)
+
+
+def test_decode_settings_validate_and_windows_are_tagged_by_domain():
+    cfg = nb05.decode_settings("smoke")
+    assert cfg.sparsity == 0.5 and cfg.prefill_only == ("predictor", "oracle")
+    with pytest.raises(ValueError, match="sparsity"):
+        nb05.DecodeSettings(1, 64, 8, sparsity=1.0)
+    with pytest.raises(ValueError, match="bogus"):
+        nb05.DecodeSettings.from_dict({"windows_per_family": 1, "ctx": 64, "cont": 8, "bogus": 1})
+    from ffcore.evaluation.suite import window_family
+    from ffcore.experiments.nb03_predictor import settings as s03
+    from ffcore.models import load_model
+
+    _, tok = load_model("tiny-llama")
+    windows = nb05.decode_windows(tok, nb05.DecodeSettings(1, 96, 8), "smoke")
+    s3 = s03("smoke")
+    assert sorted(window_family(w) for w in windows) == sorted(s3.families)
+    assert all(w["out_of_domain"] == (window_family(w) in s3.held_out) for w in windows)
+    assert any(w["out_of_domain"] for w in windows) and not all(w["out_of_domain"] for w in windows)
+
+
+def test_restrict_runs_keeps_the_named_windows():
+    runs, _ = _synthetic(6)
+    sub = nb05.restrict_runs(runs, {"w0", "w3"})
+    assert set(sub) == set(runs) and all([r["uid"] for r in recs] == ["w0", "w3"] for recs in sub.values())
+    rows = nb05.decode_diagnosis_table(sub, model="m", n_boot=200)
+    assert all(r["n"] == 2 for r in rows)
+
+
+def test_decode_context_chart_draws_one_point_per_configuration():
+    runs, _ = _synthetic()
+    rows = nb05.decode_diagnosis_table(runs, model="m", n_boot=200)
+    rows += [{**r, "model": "n"} for r in rows]
+    from ffcore.plots.accuracy import decode_context_chart
+    fig = decode_context_chart(rows)
+    assert len(fig.axes) == 2 and len(fig.axes[0].get_yticklabels()) == len(rows) // 2
+    import matplotlib.pyplot as plt
+    plt.close(fig)

@@ -12,7 +12,7 @@ from typing import Any, Mapping, Sequence
 from torch import nn
 
 from ffcore.collect import Collection
-from ffcore.compensator import (EVAL_DENSITIES, TRAIN_DENSITIES, VARIANTS, CompensatorConfig, ErrorCompensator,
+from ffcore.compensator import (TRAIN_DENSITIES, VARIANTS, CompensatorConfig, ErrorCompensator,
                                 TrainResult, distill_data, heldout_metrics, load_compensator, mask_sources,
                                 train_compensator)
 from ffcore.config import StrictConfig

@@ -3,15 +3,21 @@ and the verdict on the gap to dense. The machinery (settings, plans, runs, rows)
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, Mapping, Sequence
 
+from ffcore.config import StrictConfig
 from ffcore.engine import SparsityPlan
 from ffcore.engine.plan import check_decode_context
-from ffcore.evaluation.runner import evaluate
+from ffcore.evaluation.runner import RunConfig, evaluate
 from ffcore.evaluation.scoring import paired_difference
+from ffcore.evaluation.suite import kl_windows, window_family
+from ffcore.experiments import nb03_predictor
 from ffcore.experiments.accuracy import (DENSE, DENSE_LABEL, AccuracySettings, Components, ConfigSpec, TableResult,
                                         fmt_ci, method, run_table)
+from ffcore.experiments.nb02_calibration import load_schedule
+from ffcore.experiments.profiles import pick
 
 TABLES: dict[str, str] = {
     "table2": "Accuracy vs FFN sparsity (paper Table 2)",
@@ -135,6 +141,56 @@ def decode_diagnosis_plans(
     out.update({decode_label(p, "token"): plan(p, "token") for p in policies})
     out.update({decode_label(p, c): plan(p, c) for c in contexts for p in ("predictor", "oracle") if p in policies})
     return out
+
+
+@dataclasses.dataclass
+class DecodeSettings(StrictConfig):
+    """Sizes of notebook 05's decode diagnosis.
+
+    windows_per_family: continuation windows per corpus family (eval split; notebook 03's families).
+    ctx / cont:         context tokens prefilled, continuation tokens scored (one decode step each).
+    sparsity:           the FFN sparsity of every plan (layer-wise schedule of notebook 02).
+    prefill_only:       the policies also run without sparse decode (what decode sparsity adds).
+    """
+
+    windows_per_family: int
+    ctx: int
+    cont: int
+    sparsity: float = 0.5
+    prefill_only: tuple[str, ...] = ("predictor", "oracle")
+
+    def __post_init__(self) -> None:
+        self.prefill_only = tuple(self.prefill_only)
+        if self.windows_per_family < 1 or self.ctx < 1 or self.cont < 1 or not 0.0 < self.sparsity < 1.0:
+            raise ValueError(f"windows_per_family, ctx, cont must be >= 1 and 0 < sparsity < 1: {self}")
+
+
+def decode_settings(profile: str) -> DecodeSettings:
+    """Per-profile sizes (full: one window of each of the ten families, 1K context, 64 scored tokens)."""
+    return pick(profile, DecodeSettings(1, 384, 16), DecodeSettings(1, 1024, 32), DecodeSettings(1, 1024, 64))
+
+
+def decode_windows(tokenizer: Any, cfg: DecodeSettings, profile: str, seed: int = 0) -> list[dict[str, Any]]:
+    """The diagnosis windows: `cfg.windows_per_family` of every notebook-03 family, each tagged `out_of_domain`."""
+    s3 = nb03_predictor.settings(profile, seed)
+    rows = kl_windows(tokenizer, s3.families, cfg.windows_per_family, cfg.ctx, cfg.cont, seed)
+    return [{**r, "out_of_domain": window_family(r) in s3.held_out} for r in rows]
+
+
+def decode_diagnosis(comps: Components, cfg: DecodeSettings, windows: Sequence[Mapping[str, Any]], cache: Any = None,
+                     run: RunConfig | None = None, seed: int = 0) -> dict[str, list[dict[str, Any]]]:
+    """Run every diagnosis configuration of `comps` (deployed schedule, predictor, plain compensator) on `windows`."""
+    densities = load_schedule(comps.model, round(1.0 - cfg.sparsity, 6), comps.profile)
+    pre = tuple(p for p in cfg.prefill_only if p != "predictor" or comps.predictor is not None)
+    plans = decode_diagnosis_plans(densities, predictor=comps.predictor, compensator=comps.compensators.get("plain"),
+                                   seed=seed, prefill_only=pre)
+    rows = [{k: v for k, v in r.items() if k != "out_of_domain"} for r in windows]
+    return decode_diagnosis_runs(comps.model, comps.tokenizer, rows, plans, cache, run)
+
+
+def restrict_runs(runs: Mapping[str, Sequence[Mapping[str, Any]]], uids: set[str]) -> dict[str, list[Mapping[str, Any]]]:
+    """The records of `runs` whose uid is in `uids` (e.g. the out-of-domain windows)."""
+    return {label: [r for r in recs if r["uid"] in uids] for label, recs in runs.items()}
 
 
 def decode_diagnosis_runs(model: Any, tokenizer: Any, windows: Sequence[Mapping[str, Any]], plans: Mapping[str, Any],

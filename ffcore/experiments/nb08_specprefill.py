@@ -394,7 +394,7 @@ def passkey_records(model: nn.Module, tokenizer: Any, cfg: SpecPrefillRunConfig,
         runs += [(Method.FASTFORWARD, None, s_max)] if s_max else []
         runs += [(Method.COMBINATION, cfg.combo_keep_rates[0], max(cfg.combo_sparsities))] \
             if cfg.combo_keep_rates and cfg.combo_sparsities else []
-        for method, p, s in runs:
+        for meth, p, s in runs:
             ctx = sparsify(model, _plan_factory(ff_plan, cfg.block_size)(s)) if s else contextlib.nullcontext()
             with ctx:
                 if p is None:
@@ -403,7 +403,7 @@ def passkey_records(model: nn.Module, tokenizer: Any, cfg: SpecPrefillRunConfig,
                 else:
                     logits, cache, kept = speculative_prefill(model, None, prompt, p, method_cfg, scores=scores)
             answer = tokenizer.decode(greedy_decode(model, logits[0], cache, 8, POSITIONS))
-            rows.append({"model": name, "sample": i, "key": key, "depth": round(depth, 3), "method": method.value,
+            rows.append({"model": name, "sample": i, "key": key, "depth": round(depth, 3), "method": meth.value,
                          "speculator": view.name if p is not None else None, "keep_rate": p, "sparsity": s,
                          "needle_kept": float(torch.isin(needle, kept).float().mean()),
                          "answer": answer, "correct": key in answer.replace(" ", "")})
@@ -422,8 +422,8 @@ def headline(
         rec: dict[str, Any] = {"model": model}
         rows = [r for r in summary if r["model"] == model]
         rec["dense_nll"] = round(rows[0]["dense_nll"], 4)
-        for key, method in (("specprefill", Method.SPECPREFILL), ("combination", Method.COMBINATION)):
-            b = best_point(summary, model, method, max_gap)
+        for key, meth in (("specprefill", Method.SPECPREFILL), ("combination", Method.COMBINATION)):
+            b = best_point(summary, model, meth, max_gap)
             if b:
                 rec[f"{key}_best"] = method_label(b)
                 rec[f"{key}_flops_speedup"] = round(b["flops_speedup"], 3)
@@ -444,9 +444,9 @@ def headline(
             if t["model"] == model and t["method"] != Method.DENSE.value:
                 tag = "combination" if Method(t["method"]).sparse_ffn else "specprefill"
                 rec[f"{tag}_ttft_measured_speedup"] = round(t["measured_speedup"], 3)
-        for method in dict.fromkeys(r["method"] for r in passkey_rows if r["model"] == model):
-            rs = [r for r in passkey_rows if r["model"] == model and r["method"] == method]
-            rec[f"passkey_{method}"] = f"{sum(r['correct'] for r in rs)}/{len(rs)}"
+        for meth in dict.fromkeys(r["method"] for r in passkey_rows if r["model"] == model):
+            rs = [r for r in passkey_rows if r["model"] == model and r["method"] == meth]
+            rec[f"passkey_{meth}"] = f"{sum(r['correct'] for r in rs)}/{len(rs)}"
         out.append(rec)
     return out
 

@@ -121,3 +121,29 @@ def multiq_forest(rows: Sequence[Mapping[str, Any]], highlight: str | None = Non
                  "(dotted: +-3 %)", fontsize=10)
     fig.tight_layout()
     return fig
+
+
+def decode_context_chart(rows: Sequence[Mapping[str, Any]]) -> plt.Figure:
+    """Forest plot of notebook 05's decode diagnosis: per model, each configuration's continuation KL minus the
+    reference's ('predictor, token'), paired over windows with its 95 % CI; prefill-only rows grey, the mean KL
+    printed beside each point."""
+    models = _models(rows)
+    n = max(sum(1 for r in rows if r["model"] == m) for m in models)
+    fig, axes = plt.subplots(1, len(models), figsize=(5.6 * len(models), 1.0 + 0.36 * n), squeeze=False)
+    for ax, model in zip(axes[0], models):
+        mine = [r for r in rows if r["model"] == model]
+        for y, r in enumerate(mine):
+            v, lo, hi = r["kl_diff"], r["kl_diff_ci_low"], r["kl_diff_ci_high"]
+            color = DENSE_COLOR if r["decode"] == "prefill only" else PALETTE[1] if r["config"] == r["reference"] else PALETTE[0]
+            ax.errorbar([v], [y], xerr=[[max(0.0, v - lo)], [max(0.0, hi - v)]], fmt="o", color=color, ms=5, capsize=2)
+            ax.annotate(f"KL {r['kl']:.3f}", (hi, y), xytext=(4, 0), textcoords="offset points", va="center", fontsize=7)
+        ax.axvline(0, color="k", lw=0.8)
+        ax.set_yticks(range(len(mine)), [r["config"] for r in mine], fontsize=8)
+        ax.invert_yaxis()
+        ax.set_xlabel(f"KL to dense minus '{mine[0]['reference']}' (95 % CI over windows)")
+        ax.set_title(f"{model} ({mine[0]['n']} windows)", fontsize=10)
+        ax.margins(x=0.25)
+    fig.suptitle("Decode-time sparsity: which decode context loses least (grey: dense decode after the same sparse prefill)",
+                 fontsize=10)
+    fig.tight_layout()
+    return fig
