@@ -287,11 +287,65 @@ def test_bad_input(model):
         SparsityPlan.from_dict({"densitys": 0.5})
     ids = torch.randint(0, 256, (2, 150))
     mask = torch.ones(2, 150, dtype=torch.long)
-    mask[1, :10] = 0
+    mask[1, 40:60] = 0  # a hole inside the row: neither left nor right padding
     with sparsify(model, SparsityPlan(densities=0.5)):
-        with pytest.raises(ValueError, match="padding"):
+        with pytest.raises(ValueError, match="padding between its tokens"):
             model(ids, attention_mask=mask)
         model(ids, attention_mask=torch.ones_like(mask))  # equal lengths, no padding: fine
+    mask = torch.ones(2, 150, dtype=torch.long)
+    mask[1, :10] = 0
+    with sparsify(model, SparsityPlan(densities=0.5, sparse_decode=True, decode_context="window")):
+        with pytest.raises(ValueError, match="padded batch"):
+            model(ids, attention_mask=mask)
+
+
+LENGTHS = (300, 190, 129)  # rows of different lengths: 3 blocks + partial, 2 blocks minus, one block + 1 token
+
+
+def _padded(lengths: tuple[int, ...], side: str, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, list]:
+    """A padded batch [len(lengths), max] of random ids, its attention mask, and each row's unpadded ids."""
+    g = torch.Generator().manual_seed(seed)
+    rows = [torch.randint(1, 256, (n,), generator=g) for n in lengths]
+    width = max(lengths)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for b, r in enumerate(rows):
+        sl = slice(width - len(r), width) if side == "left" else slice(0, len(r))
+        ids[b, sl], mask[b, sl] = r, 1
+    return ids, mask, rows
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_padded_batch_equals_rows_one_at_a_time(model, side):
+    """Each row's blocks come from its own tokens: a padded batch gives every row its solo logits."""
+    ids, mask, rows = _padded(LENGTHS, side)
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)  # [batch, width], each row counts from its first token
+    plans = (SparsityPlan(densities=0.5, policy="oracle"),
+             SparsityPlan(densities=0.4, policy="first_block_static"))
+    for plan in plans:
+        with sparsify(model, plan) as state:
+            batch = model(ids, attention_mask=mask, position_ids=position_ids).logits  # [batch, width, V]
+            stats = dict(state.stats)
+            solo = [model(r[None]).logits[0] for r in rows]  # [n, V] each
+        for b, (r, ref) in enumerate(zip(rows, solo)):
+            got = batch[b][mask[b].bool()]  # [n, V], the row's real positions
+            torch.testing.assert_close(got, ref, atol=2e-4, rtol=1e-4, msg=f"{plan.policy_name} row {b} ({side})")
+        L = model.config.num_hidden_layers
+        assert stats["dense_tokens"] + stats["sparse_tokens"] == L * sum(LENGTHS)  # padding is neither
+
+
+@torch.no_grad()
+def test_generate_on_a_left_padded_batch_equals_each_row_alone(model):
+    """model.generate on a left-padded batch under sparsify gives each row the tokens it gets alone."""
+    ids, mask, rows = _padded((260, 140), "left", seed=3)
+    plan = SparsityPlan(densities=0.5, policy="oracle")
+    cfg = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
+    with sparsify(model, plan):
+        out = model.generate(ids, attention_mask=mask, **cfg)[:, ids.shape[1]:]  # [batch, 5]
+        for b, r in enumerate(rows):
+            alone = model.generate(r[None], attention_mask=torch.ones(1, len(r), dtype=torch.long), **cfg)
+            assert out[b].tolist() == alone[0, len(r):].tolist(), f"row {b}"
 
 
 def test_unsupported_mlp_is_refused():

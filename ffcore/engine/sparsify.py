@@ -5,7 +5,8 @@
 
 Inside the context each layer's MLP runs prefill in blocks of `plan.block_size` tokens
 (`ffcore.engine.layout`); the first/last block run dense (switches in the plan), every other
-block computes only its selected experts. Attention is untouched. Nested calls swap the plan
+block computes only its selected experts. Attention is untouched. In a padded batch each row's
+blocks start at its own first token (read from the 2-D attention mask; `row_ranges`). Nested calls swap the plan
 and options of the existing wrappers (never double-wrap) and restore the outer ones on exit.
 
 With `plan.sparse_decode`, a one-token decode step picks its experts from the token itself
@@ -42,6 +43,7 @@ class _RunState:
     offset: int = 0  # tokens already in the KV cache when the current forward started
     first_scores: dict[tuple[int, int], Tensor] = dataclasses.field(default_factory=dict)  # (layer, row) -> [f]
     window: DecodeWindow | None = None  # the current sequence's decode-time context ('window' / 'reuse' plans)
+    pad_mask: Tensor | None = None  # [batch, past + T] 2-D attention mask of the current call when it has padding
     stats: dict[str, int] = dataclasses.field(default_factory=lambda: {"dense_tokens": 0, "sparse_tokens": 0})
 
 
@@ -68,32 +70,32 @@ class SparseMLP(nn.Module):
             return self.original(x)
         fused = fused_ffn(self.original)
         k = experts_for(density, fused.f)
-        if decode:
-            dense, sparse = [], [(0, 1)]
-        else:
-            dense, sparse = plan.spans(T, st.offset)
         need_first = bool(getattr(st.policy, "needs_first_block", False))
         win = self._window(x) if plan.sparse_decode and plan.decode_context != "token" else None
         if win is not None and decode:
             experts = self._window_experts(win, fused, k, need_first)  # [batch, K]
         rows = []
-        for b in range(x.shape[0]):
-            xb = x[b]  # [T, d]
+        for b, (lo, hi, offset) in enumerate(row_ranges(st.pad_mask, x.shape[0], T, st.offset)):
+            xb = x[b, lo:hi]  # [n, d], this row's real tokens (all T without padding)
+            dense, sparse = ([], [(0, 1)]) if decode else plan.spans(hi - lo, offset)
             idx, dense_out = None, {}
-            first = self._first_block(xb, dense, fused, b, decode, dense_out) if need_first else None
+            first = self._first_block(xb, dense, fused, b, decode, dense_out, offset) if need_first else None
             if sparse and win is not None and decode:
                 idx = experts[b:b + 1]
             elif sparse:
-                ctx = SelectContext(self.layer, xb, sparse, k, fused, plan.block_size, decode, st.offset, first)
+                ctx = SelectContext(self.layer, xb, sparse, k, fused, plan.block_size, decode, offset, first)
                 idx = st.policy.select(ctx)
                 _check_idx(idx, len(sparse), k, fused.f, st.policy)
                 idx = idx.contiguous()  # policies may return expanded views (stride 0); kernels need rows
-            y = block_sparse_ffn(xb, fused, dense, sparse, idx, self.original, st.options, dense_out)
-            if plan.compensator is not None and sparse:
+            y = block_sparse_ffn(xb, fused, dense, sparse, idx, self.original, st.options, dense_out) if hi > lo \
+                else xb.new_zeros(xb.shape)
+            if plan.compensator is not None and sparse and hi > lo:
                 add_corrections(plan.compensator, self.layer, xb, y, sparse, idx)
+            if hi - lo < T:  # padding: its positions get zeros (attention never reads them)
+                y = torch.nn.functional.pad(y, (0, 0, lo, T - hi))  # [T, d]
             rows.append(y)
-        st.stats["sparse_tokens"] += x.shape[0] * sum(e - s for s, e in sparse)
-        st.stats["dense_tokens"] += x.shape[0] * sum(e - s for s, e in dense)
+            st.stats["sparse_tokens"] += sum(e - s for s, e in sparse) if hi > lo else 0
+            st.stats["dense_tokens"] += sum(e - s for s, e in dense)
         return torch.stack(rows)
 
     def _window(self, x: Tensor) -> DecodeWindow:
@@ -130,7 +132,7 @@ class SparseMLP(nn.Module):
 
 
     def _first_block(self, xb: Tensor, dense: list[tuple[int, int]], fused: Any, row: int, decode: bool,
-                     dense_out: dict[tuple[int, int], Tensor]) -> Tensor | None:
+                     dense_out: dict[tuple[int, int], Tensor], offset: int) -> Tensor | None:
         """GRIFFIN scores [f] of the sequence's first block: from its dense run at offset 0 (free), else remembered.
 
         When the first block runs dense its intermediate activations come with its output (a hook on
@@ -138,8 +140,10 @@ class SparseMLP(nn.Module):
         every block sparse (the Table 5 ablation) they need an extra dense pass over the first block.
         """
         st = self.state
-        if st.offset > 0 or decode:  # a suffix prefill or decode step: the scores of the prompt's first block
+        if offset > 0 or decode:  # a suffix prefill or decode step: the scores of the prompt's first block
             return st.first_scores.get((self.layer, row))
+        if xb.shape[0] == 0:  # a row that is all padding in this call
+            return None
         span = (0, min(st.plan.block_size, xb.shape[0]))
         if span in dense:
             seen: dict[str, Tensor] = {}
@@ -180,6 +184,31 @@ def add_corrections(comp: Any, layer: int, x: Tensor, y: Tensor, spans: list[tup
         row += e - s
 
 
+def row_ranges(mask: Tensor | None, batch: int, T: int, offset: int) -> list[tuple[int, int, int]]:
+    """Per row of this call's T tokens: (lo, hi, offset), its real tokens x[lo:hi] and the real tokens before them.
+
+    `mask` [batch, past + T] is the 2-D attention mask (1 = token, 0 = padding; left or right padded),
+    None when there is no padding: then every row is (0, T, offset). A row's real tokens in this call
+    must be one contiguous run; its offset counts the real tokens already in the KV cache, so its
+    block grid starts at its own first token, exactly as if the row ran alone.
+    """
+    if mask is None:
+        return [(0, T, offset)] * batch
+    if mask.shape[0] != batch or mask.shape[1] < T:
+        raise ValueError(f"ffcore.sparsify: attention_mask of shape {tuple(mask.shape)} does not cover a "
+                         f"batch of {batch} rows of {T} tokens")
+    now, past = mask[:, -T:].bool(), mask[:, :-T].bool()  # [batch, T], [batch, past]
+    out = []
+    for b in range(batch):
+        pos = now[b].nonzero().flatten()
+        lo, hi = (int(pos[0]), int(pos[-1]) + 1) if pos.numel() else (0, 0)
+        if hi - lo != pos.numel():
+            raise ValueError(f"ffcore.sparsify: row {b} of the attention mask has padding between its tokens; "
+                             "only left or right padding is supported")
+        out.append((lo, hi, int(past[b].sum())))
+    return out
+
+
 def _check_idx(idx: Tensor, n_blocks: int, k: int, f: int, policy: Any) -> None:
     if idx.shape != (n_blocks, k):
         raise ValueError(f"policy {policy!r} returned experts of shape {tuple(idx.shape)}, expected {(n_blocks, k)}")
@@ -206,12 +235,16 @@ def _pre_forward(state: _RunState):  # noqa: ANN202
         mask = kwargs.get("attention_mask")
         if mask is None and len(args) > 1 and isinstance(args[1], Tensor):
             mask = args[1]
+        state.pad_mask = None
         if isinstance(mask, Tensor) and mask.dim() == 2 and bool((mask == 0).any()):
-            raise ValueError(
-                "ffcore.sparsify: the batch has padding (attention_mask has zeros). Block boundaries would "
-                "fall at different tokens per row; run sequences one at a time, or batch only equal-length "
-                "sequences without padding."
-            )
+            plan = state.plan
+            if plan.sparse_decode and plan.decode_context != "token":
+                raise ValueError(
+                    f"ffcore.sparsify: a padded batch with decode_context={plan.decode_context!r} is not supported "
+                    "(the decode window would mix padding into each row's context); use decode_context='token', "
+                    "a dense decode (sparse_decode=False), or run the rows one at a time."
+                )
+            state.pad_mask = mask
         state.offset = _cache_offset(kwargs)
         cache = cache_from_kwargs(kwargs)
         if state.offset == 0:  # a new sequence: its decode window starts empty (made on first use)
