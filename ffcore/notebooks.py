@@ -202,18 +202,129 @@ def _lint_functions(nb: nbformat.NotebookNode, max_lines: int) -> list[str]:
     return problems
 
 
+# --------------------------------------------------------------------------- published outputs
+PUBLISH_MAX_BYTES = 3_000_000  # a committed notebook with its outputs stays under this
+PUBLISHED_KEY = "ffcore"  # notebook metadata of a published run: {"profile", "seed", "git_commit"}
+_ABSOLUTE = re.compile(r"(?<![\w.])/(?:work|home|Users|tmp|root|opt|usr|mnt|private|var)/[^\s\"'<>]*")
+_BAR = re.compile(r"\d+%\|")  # a tqdm bar line
+
+
+def published(nb: nbformat.NotebookNode) -> dict[str, Any] | None:
+    """The provenance of a notebook that carries a published full-profile run's outputs, else None."""
+    meta = nb.metadata.get(PUBLISHED_KEY)
+    return dict(meta) if isinstance(meta, dict) else None
+
+
+def _clean_text(text: str, root: str) -> str:
+    """Output text without the machine's paths and with each progress bar cut to its final state."""
+    text = text.replace(root + "/", "").replace(root, ".")
+    text = _ABSOLUTE.sub("<path>", text)
+    lines = [ln.rsplit("\r", 1)[-1] for ln in text.split("\n")]  # a \r-redrawn bar: its last frame
+    return "\n".join(lines)
+
+
+def publish(executed: Path, dest: Path, root: Path, git_commit: str, profile: str = "full", seed: int = 0) -> Path:
+    """Write papermill's executed copy to `dest` as a committed notebook: outputs kept, machine traces removed.
+
+    Drops papermill's injected-parameters cell (the source's own `parameters` cell stays), per-cell
+    papermill/execution metadata and stderr streams (warnings and progress bars name this machine's
+    paths), replaces the repository root in the remaining outputs by a relative path, and records
+    `{profile, seed, git_commit}` under `metadata.ffcore` so a test can tie the outputs to `results/`.
+    """
+    nb = read(Path(executed))
+    root_s = str(Path(root).resolve())
+    cells = []
+    for cell in nb.cells:
+        if "injected-parameters" in _cell_tags(cell):
+            continue
+        for key in ("papermill", "execution"):
+            cell.metadata.pop(key, None)
+        if cell.cell_type == "code":
+            outs = []
+            for out in cell.get("outputs", []):
+                if out.get("output_type") == "stream" and out.get("name") == "stderr":
+                    continue
+                if "text" in out:
+                    out["text"] = _clean_text("".join(out["text"]), root_s)
+                for mime, value in out.get("data", {}).items():
+                    if mime.startswith("text/"):
+                        out["data"][mime] = _clean_text("".join(value), root_s)
+                outs.append(out)
+            cell.outputs = outs
+        cells.append(cell)
+    nb.cells = cells
+    nb.metadata.pop("papermill", None)
+    nb.metadata[PUBLISHED_KEY] = {"profile": profile, "seed": int(seed), "git_commit": git_commit}
+    problems = published_problems(nb)
+    if problems:
+        raise NotebookError(f"{Path(executed).name} cannot be published:\n  " + "\n  ".join(problems))
+    dest = Path(dest)
+    tmp = dest.with_suffix(".ipynb.tmp")
+    nbformat.write(nb, str(tmp))
+    tmp.replace(dest)
+    return dest
+
+
+def cleared(text: str) -> str:
+    """A notebook's JSON text with every output, execution count and run metadata removed (its source)."""
+    try:
+        nb = nbformat.reads(text, as_version=4)
+    except Exception as exc:  # nbformat raises several types for unreadable JSON
+        raise ValueError(f"not a readable notebook: {exc}") from exc
+    nb.metadata.pop(PUBLISHED_KEY, None)
+    nb.metadata.pop("papermill", None)
+    for cell in nb.cells:
+        for key in ("papermill", "execution"):
+            cell.metadata.pop(key, None)
+        if cell.cell_type == "code":
+            cell.outputs, cell.execution_count = [], None
+    return nbformat.writes(nb)
+
+
+def published_problems(nb: nbformat.NotebookNode) -> list[str]:
+    """What keeps a notebook with outputs from being committed: wrong profile, machine paths, bars, size."""
+    meta = published(nb)
+    if meta is None:
+        return []
+    problems = []
+    if meta.get("profile") != "full":
+        problems.append(f"outputs come from profile {meta.get('profile')!r}; only the full profile's are committed")
+    if not meta.get("git_commit") or str(meta["git_commit"]).endswith("+dirty"):
+        problems.append(f"outputs name no clean commit (git_commit={meta.get('git_commit')!r})")
+    size = len(nbformat.writes(nb).encode())
+    if size > PUBLISH_MAX_BYTES:
+        problems.append(f"{size / 1e6:.1f} MB with outputs (> {PUBLISH_MAX_BYTES / 1e6:.0f} MB)")
+    for i, cell in enumerate(nb.cells):
+        for out in cell.get("outputs", []) if cell.cell_type == "code" else []:
+            texts = [out.get("text", "")] + [v for m, v in out.get("data", {}).items() if m.startswith("text/")]
+            for text in texts:
+                text = "".join(text)
+                if _ABSOLUTE.search(text):
+                    problems.append(f"cell {i}: an output names a machine path ({_ABSOLUTE.search(text).group()})")
+                if len(_BAR.findall(text)) > 1:
+                    problems.append(f"cell {i}: an output holds progress-bar frames (keep the final line at most)")
+    return problems
+
+
 def lint_notebook(nb: nbformat.NotebookNode, max_function_lines: int = MAX_FUNCTION_LINES) -> list[str]:
-    """House-rule violations of a notebook (empty list = clean)."""
+    """House-rule violations of a notebook (empty list = clean).
+
+    A notebook is committed either cleared, or with the outputs of a published full-profile run
+    (`publish`; `metadata.ffcore` names its commit), which must pass `published_problems`.
+    """
     problems: list[str] = []
     if not nb.cells or nb.cells[0].cell_type != "markdown":
         problems.append("the first cell must be markdown (title and what the notebook shows)")
     problems += _lint_parameters(nb)
-    for i, cell in enumerate(nb.cells):
-        if cell.cell_type != "code":
-            continue
-        if cell.get("outputs"):
-            problems.append(f"cell {i}: has stored outputs (commit notebooks cleared)")
-        if cell.get("execution_count") is not None:
-            problems.append(f"cell {i}: has an execution count (commit notebooks cleared)")
+    if published(nb) is not None:
+        problems += published_problems(nb)
+    else:
+        for i, cell in enumerate(nb.cells):
+            if cell.cell_type != "code":
+                continue
+            if cell.get("outputs"):
+                problems.append(f"cell {i}: has stored outputs (commit notebooks cleared or published by a full run)")
+            if cell.get("execution_count") is not None:
+                problems.append(f"cell {i}: has an execution count (commit notebooks cleared or published)")
     problems += _lint_functions(nb, max_function_lines)
     return problems

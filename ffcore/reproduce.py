@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 from ffcore import notebooks as nbs
-from ffcore.results import PROFILES, check_profile, out_dirs, repo_root
+from ffcore.results import PROFILES, check_profile, git_commit, out_dirs, repo_root
 
 KERNEL_NAME = "ffcore-python"
 
@@ -158,6 +158,7 @@ def run_notebooks(profile: str, seed: int = 0, only: Sequence[str] | None = None
     root = records[0].source.parent.parent
     kernel = kernel or kernel_name()
     params = {"PROFILE": profile, "SEED": int(seed)}
+    commit = git_commit(root)  # before anything runs: what the notebooks' results will name
     bar = tqdm(records, desc=f"notebooks [{profile}]", unit="nb", disable=not progress)
     with _env(FFCORE_ROOT=str(root)):
         for rec in bar:
@@ -179,6 +180,8 @@ def run_notebooks(profile: str, seed: int = 0, only: Sequence[str] | None = None
                         else f"\n    no executed copy was written ({rec.output} not updated)")
                 raise NotebookFailed(msg, records, rec.name, idx, ename, evalue, rec.output) from exc
             rec.seconds, rec.status = time.perf_counter() - t0, "ok"
+            if profile == "full":  # the committed notebooks carry the full run's outputs
+                nbs.publish(rec.output, rec.source, root, commit, profile, seed)
             tqdm.write(f"  {rec.name}: ok in {rec.seconds:.1f} s -> {rec.output}", file=sys.stdout)
     return records
 

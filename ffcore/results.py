@@ -61,7 +61,7 @@ def check_profile(profile: str) -> None:
 RUN_OUTPUTS = ("results", "figures")  # what a full reproduction itself writes: not a change of the code it ran
 
 
-def _git_commit(root: Path) -> str:
+def git_commit(root: Path) -> str:
     """HEAD's short hash, "+dirty" when tracked files other than the run's own outputs differ from it."""
     try:
         out = subprocess.run(
@@ -73,9 +73,26 @@ def _git_commit(root: Path) -> str:
         )
         if out.returncode != 0:
             return "unknown"
-        return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+        changed = [ln[3:].strip() for ln in dirty.stdout.splitlines() if ln.strip()]
+        changed = [p for p in changed if not _outputs_only_change(root, p)]
+        return out.stdout.strip() + ("+dirty" if changed else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+
+
+def _outputs_only_change(root: Path, path: str) -> bool:
+    """True when `path` is a notebook whose only change from HEAD is a published run's outputs."""
+    if not (path.startswith("notebooks/") and path.endswith(".ipynb")):
+        return False
+    from ffcore.notebooks import cleared  # lazy: nbformat only when a notebook differs
+
+    head = subprocess.run(["git", "show", f"HEAD:{path}"], cwd=root, capture_output=True, text=True, timeout=5)
+    if head.returncode != 0 or not (root / path).is_file():
+        return False
+    try:
+        return cleared(head.stdout) == cleared((root / path).read_text())
+    except ValueError:  # not a notebook nbformat can read: a real change
+        return False
 
 
 def device_name() -> str:
@@ -112,7 +129,7 @@ def package_versions() -> dict[str, str]:
 def provenance(profile: str, **extra: Any) -> dict[str, Any]:
     """Git commit, profile, device, package versions, UTC time, plus any `extra` fields."""
     return {
-        "git_commit": _git_commit(repo_root()),
+        "git_commit": git_commit(repo_root()),
         "profile": profile,
         "device": device_name(),
         "versions": package_versions(),

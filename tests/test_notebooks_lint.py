@@ -73,3 +73,62 @@ def test_parameters_cell_must_exist_once() -> None:
     assert any("no cell tagged 'parameters'" in p for p in nbs.lint_notebook(_nb(new_markdown_cell("# t"))))
     two = _nb(new_markdown_cell("# t"), _params("PROFILE = 'a'\nSEED = 0"), _params("SEED = 1"))
     assert any("2 cells tagged 'parameters'" in p for p in nbs.lint_notebook(two))
+
+
+# ------------------------------------------------------------------ published outputs (issue: readable notebooks)
+
+
+def _executed(root: Path) -> nbformat.NotebookNode:
+    """What papermill writes: an injected-parameters cell, papermill metadata, stderr, machine paths, bars."""
+    from nbformat.v4 import new_output
+
+    injected = new_code_cell('PROFILE = "full"\nSEED = 0', metadata={"tags": ["injected-parameters"]})
+    work = new_code_cell("run()", metadata={"papermill": {"duration": 1.0}, "execution": {"iopub.status.busy": "x"}})
+    work.outputs = [
+        new_output("stream", name="stderr", text=f"{root}/.venv/lib/tqdm.py:1: TqdmWarning\n 10%|#   | 1/10\r100%|####| 10/10\n"),
+        new_output("stream", name="stdout", text=f"wrote {root}/results/01_x.json\nrun 3.0 s\n"),
+    ]
+    work.execution_count = 1
+    nb = _nb(new_markdown_cell("# t"), _params('PROFILE = "full"\nSEED = 0'), injected, work)
+    nb.metadata["papermill"] = {"input_path": f"{root}/notebooks/01_x.ipynb"}
+    return nb
+
+
+def test_publish_keeps_outputs_and_removes_machine_traces(tmp_path: Path) -> None:
+    root = tmp_path / "repo"
+    executed, dest = tmp_path / "exec.ipynb", tmp_path / "01_x.ipynb"
+    nbformat.write(_executed(root), str(executed))
+    nbs.publish(executed, dest, root, git_commit="abc1234")
+    nb = nbs.read(dest)
+    assert [c.source for c in nb.cells][-1] == "run()" and len(nb.cells) == 3  # injected cell gone
+    assert nb.metadata["ffcore"] == {"profile": "full", "seed": 0, "git_commit": "abc1234"}
+    assert "papermill" not in nb.metadata and "papermill" not in nb.cells[-1].metadata
+    (out,) = nb.cells[-1].outputs  # stderr dropped, stdout kept
+    assert out["text"] == "wrote results/01_x.json\nrun 3.0 s\n"
+    assert nbs.lint_notebook(nb) == []
+    assert str(tmp_path) not in dest.read_text()
+
+
+def test_published_notebook_problems_are_caught() -> None:
+    nb = _nb(new_markdown_cell("# t"), _params('PROFILE = "full"\nSEED = 0'), new_code_cell("x"))
+    nb.cells[-1].outputs = [nbformat.v4.new_output("stream", text="see /work/main/results/a.json\n 5%|# | 1/20\n"
+                                                                   " 50%|### | 10/20\n")]
+    nb.metadata["ffcore"] = {"profile": "smoke", "seed": 0, "git_commit": "abc+dirty"}
+    problems = "\n".join(nbs.lint_notebook(nb))
+    for needle in ("profile 'smoke'", "no clean commit", "machine path", "progress-bar frames"):
+        assert needle in problems, needle
+
+
+def test_committed_outputs_come_from_the_commit_of_their_results() -> None:
+    """A notebook committed with outputs names the same clean commit as the results/ files it wrote."""
+    results = NOTEBOOK_DIR.parent / "results"
+    for path in ALL_NOTEBOOKS:
+        meta = nbs.published(nbs.read(path))
+        if meta is None:
+            continue  # committed cleared: nothing to tie
+        assert meta["profile"] == "full", path.name
+        mine = sorted(results.glob(path.name[:3] + "*.json"))
+        assert mine, f"{path.name} carries outputs but results/ holds nothing it wrote"
+        for res in mine:
+            commit = json.loads(res.read_text())["provenance"]["git_commit"]
+            assert commit == meta["git_commit"], f"{res.name} says {commit}, {path.name} says {meta['git_commit']}"
