@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, Mapping, Sequence
 
 import matplotlib.pyplot as plt
+import matplotlib.ticker as mticker
 import numpy as np
 
 from ffcore.plots import PALETTE
@@ -44,32 +45,84 @@ def plot_ffn_speedup(ffn: Sequence[Mapping[str, Any]], title: str = "CPU") -> pl
     return fig
 
 
-def plot_flop_curves(curves: Sequence[Mapping[str, Any]]) -> plt.Figure:
-    """Compute-bound prefill speedup vs T from the FLOP model: layer-wise (solid) and uniform (dashed)."""
+def plot_flop_curves(curves: Sequence[Mapping[str, Any]], tol: float = 5e-3) -> plt.Figure:
+    """Compute-bound prefill speedup vs T from the FLOP model: layer-wise (solid) and uniform (dashed).
+
+    Where the two schedules give the same curve (within `tol`: every layer has the same FFN shape, so
+    only the mean density counts) one line is drawn and labelled "uniform = layer-wise".
+    """
     models = _models(curves)
     fig, axes = plt.subplots(1, len(models), figsize=(4.6 * len(models), 3.6), squeeze=False, sharey=True)
     for ax, m in zip(axes[0], models):
         rows = [r for r in curves if r["model"] == m]
         for c, sp in zip(PALETTE, sorted({r["sparsity"] for r in rows})):
+            by = {kind: sorted((r for r in rows if r["sparsity"] == sp and r["schedule"] == kind), key=lambda r: r["T"])
+                  for kind in ("layer-wise", "uniform")}
+            same = by["layer-wise"] and len(by["layer-wise"]) == len(by["uniform"]) and max(
+                abs(a["speedup"] - b["speedup"]) for a, b in zip(by["layer-wise"], by["uniform"])) < tol
             for kind, ls in (("layer-wise", "-"), ("uniform", "--")):
-                rs = sorted((r for r in rows if r["sparsity"] == sp and r["schedule"] == kind), key=lambda r: r["T"])
-                if rs:
-                    ax.plot([r["T"] for r in rs], [r["speedup"] for r in rs], ls, color=c,
-                            label=f"{sp:.0%} sparsity, {kind}")
-        _log2_T(ax, [r["T"] for r in rows if r["T"] in (1024, 4096, 16384, 65536) or r["T"] == max(x["T"] for x in rows)])
+                rs = by[kind]
+                if not rs or (same and kind == "uniform"):
+                    continue
+                label = f"{sp:.0%} sparsity, " + ("uniform = layer-wise" if same else kind)
+                ax.plot([r["T"] for r in rs], [r["speedup"] for r in rs], ls, color=c, label=label)
+        Ts = sorted({r["T"] for r in rows})
+        _log2_T(ax, [t for t in Ts if t & (t - 1) == 0 and t >= 256] or Ts[:: max(1, len(Ts) // 6)])
         ax.set_title(m, fontsize=10)
         ax.axhline(1.0, color="k", lw=0.8)
+        ax.legend(fontsize=7, loc="lower right")
     axes[0, 0].set_ylabel("end-to-end prefill speedup (FLOPs)")
-    handles, labels = axes[0, 0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8, bbox_to_anchor=(0.5, -0.1))
     fig.suptitle("Compute-bound prefill speedup, predictor + compensator overheads included (cf. paper Fig. 7)",
                  fontsize=11)
-    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    fig.tight_layout()
+    return fig
+
+
+def _err(rows: Sequence[Mapping[str, Any]], key: str) -> np.ndarray | None:
+    """[2, n] distances from each row's median `key` to its quartiles (`key_q25`, `key_q75`), or None if absent."""
+    if not rows or any(f"{key}_q25" not in r for r in rows):
+        return None
+    return np.array([[r[key] - r[f"{key}_q25"] for r in rows], [r[f"{key}_q75"] - r[key] for r in rows]])
+
+
+def _quartile_err(samples: Sequence[Sequence[float]]) -> tuple[np.ndarray, np.ndarray]:
+    """Medians [n] and [2, n] distances to the quartiles of each list of samples."""
+    q = np.array([np.percentile(s, [25, 50, 75]) for s in samples])  # [n, 3]
+    return q[:, 1], np.stack([q[:, 1] - q[:, 0], q[:, 2] - q[:, 1]])
+
+
+def plot_ttft_absolute(ttft: Sequence[Mapping[str, Any]], sparsity: float = 0.5) -> plt.Figure:
+    """Absolute TTFT against context length, dense vs each plan (medians, interquartile bars; cf. paper Fig. 1)."""
+    models = _models(ttft)
+    fig, axes = plt.subplots(1, len(models), figsize=(4.6 * len(models), 3.6), squeeze=False)
+    for ax, m in zip(axes[0], models):
+        rows = [r for r in ttft if r["model"] == m and abs(r["sparsity"] - sparsity) < 1e-9 and "dense_all_s" in r]
+        Ts = sorted({r["T"] for r in rows})
+        plans = [p for p in dict.fromkeys(r["plan"] for r in rows)
+                 if {r["T"] for r in rows if r["plan"] == p} == set(Ts)]  # plans timed at every length
+        if not plans:
+            continue
+        first = {T: next(r for r in rows if r["T"] == T) for T in Ts}  # the dense baseline is shared per length
+        med, err = _quartile_err([first[T]["dense_all_s"] for T in Ts])
+        ax.errorbar(Ts, med, yerr=err, fmt="o-", color="k", capsize=3, label="dense")
+        for p, c in zip(plans, PALETTE):
+            rs = {r["T"]: r for r in rows if r["plan"] == p}
+            med, err = _quartile_err([rs[T]["sparse_all_s"] for T in Ts])
+            ax.errorbar(Ts, med, yerr=err, fmt="o-", color=c, capsize=3, label=f"{p} ({sparsity:.0%})")
+        _log2_T(ax, Ts)
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(mticker.FormatStrFormatter("%g"))
+        ax.yaxis.set_minor_formatter(mticker.FormatStrFormatter("%g"))
+        ax.set_title(m, fontsize=10)
+        ax.legend(fontsize=7, loc="upper left")
+    axes[0, 0].set_ylabel("time to first token (s)")
+    fig.suptitle("CPU time to first token against context length (cf. paper Fig. 1)", fontsize=11)
+    fig.tight_layout()
     return fig
 
 
 def plot_ttft(ttft: Sequence[Mapping[str, Any]], sparsity: float = 0.5) -> plt.Figure:
-    """Measured CPU TTFT speedup (bars) beside the FLOP-model speedup (hatched) per model, T and plan."""
+    """Measured CPU TTFT speedup (bars, interquartile whiskers) beside the FLOP-model speedup (hatched)."""
     models = _models(ttft)
     fig, axes = plt.subplots(1, len(models), figsize=(4.8 * len(models), 3.6), squeeze=False, sharey=True)
     for ax, m in zip(axes[0], models):
@@ -80,7 +133,10 @@ def plot_ttft(ttft: Sequence[Mapping[str, Any]], sparsity: float = 0.5) -> plt.F
         for j, (p, c) in enumerate(zip(plans, PALETTE)):
             get = {r["T"]: r for r in rows if r["plan"] == p}
             x = np.arange(len(Ts)) + (2 * j - len(plans)) * width + width / 2
-            ax.bar(x, [get[T]["speedup"] if T in get else np.nan for T in Ts], width, color=c, label=f"{p}: measured")
+            have = [get[T] for T in Ts if T in get]
+            err = _err(have, "speedup") if len(have) == len(Ts) else None  # interquartile range of the per-round ratios
+            ax.bar(x, [get[T]["speedup"] if T in get else np.nan for T in Ts], width, color=c, label=f"{p}: measured",
+                   yerr=err, capsize=2, error_kw={"lw": 0.8})
             ax.bar(x + width, [get[T]["flop_speedup"] if T in get else np.nan for T in Ts], width, color=c,
                    alpha=0.35, hatch="//", label=f"{p}: FLOP model")
         ax.set_xticks(np.arange(len(Ts)), [f"{T // 1024}K" if T >= 1024 else str(T) for T in Ts])
@@ -90,6 +146,6 @@ def plot_ttft(ttft: Sequence[Mapping[str, Any]], sparsity: float = 0.5) -> plt.F
     axes[0, 0].set_ylabel(f"TTFT speedup at {sparsity:.0%} sparsity")
     handles, labels = axes[0, 0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=2, fontsize=8, bbox_to_anchor=(0.5, -0.12))
-    fig.suptitle("Time to first token on CPU, dense vs FastForward (medians, interleaved repeats)", fontsize=11)
+    fig.suptitle("Time to first token on CPU, dense vs FastForward (median ratio of interleaved rounds, bars: interquartile range)", fontsize=10)
     fig.tight_layout(rect=(0, 0.1, 1, 1))
     return fig
