@@ -104,3 +104,55 @@ def achieved_rates(rows: Sequence[dict[str, Any]], specs: Sequence[flops.ModelSp
             rec[f"gflops_{p}"] = n / r["median_s"] / 1e9
         out.append(rec)
     return out
+
+
+# ----------------------------------------------------------------------------- readings (Markdown from the numbers)
+def _tok(T: int | None) -> str:
+    return "-" if T is None else (f"{T / 1024:.0f}K" if T >= 1024 and T % 1024 == 0 else f"{T:,}")
+
+
+def crossover_reading(crossovers: Sequence[dict[str, Any]]) -> str:
+    """What the crossover table says against the paper's ~16K (1B) / ~28K (8B), per config."""
+    lines = []
+    for r in crossovers:
+        quoted = f"; the paper quotes ~{r['paper_quoted'] / 1000:.0f}K" if r.get("paper_quoted") else ""
+        lines.append(
+            f"- **{r['model']}** (d={r['d']}, d_ffn={r['f']}): attention's core passes the gated FFN at "
+            f"T = {r['attn_core_vs_gated_ffn']:,} ({r['attn_core_vs_gated_ffn'] / r['f']:.2f} d_ffn), a 2-matmul FFN at "
+            f"{r['attn_core_vs_2matmul_ffn']:,} ({r['attn_core_vs_2matmul_ffn'] / r['f']:.2f} d_ffn){quoted}.")
+    return "**This run's crossovers.**\n" + "\n".join(lines)
+
+
+def speedup_reading(peaks: Sequence[dict[str, Any]], paper: float = 1.45) -> str:
+    """Peak compute-bound speedups per config at the highest sparsity, against the paper's "up to 1.45x"."""
+    sel = [r for r in peaks if r["pairs"] == "causal" and r["overheads"]]
+    if not sel:
+        return ""
+    lo, hi = min(sel, key=lambda r: r["peak_speedup"]), max(sel, key=lambda r: r["peak_speedup"])
+    sp = sel[0]["sparsity"]
+    lines = [f"- **{r['model']}**: {r['peak_speedup']:.2f}x at T = {_tok(r['T_at_peak'])}" for r in sel]
+    verdict = ("brackets" if lo["peak_speedup"] <= paper <= hi["peak_speedup"] else
+               "lies below" if paper > hi["peak_speedup"] else "lies above")
+    return (f"**This run's peaks** at {sp:.0%} sparsity (visible pairs, predictor and compensator counted):\n"
+            + "\n".join(lines) + f"\n\nThe range {lo['peak_speedup']:.2f}-{hi['peak_speedup']:.2f}x {verdict} the "
+            f"paper's \"up to {paper}x\".")
+
+
+def timing_reading(rows: Sequence[dict[str, Any]], measured_cross: dict[str, int | None],
+                   crossovers: Sequence[dict[str, Any]]) -> str:
+    """Measured MLP and attention shares of CPU prefill time at the shortest and longest timed length, per model."""
+    flop_cross = {r["model"]: r["attn_core_vs_gated_ffn"] for r in crossovers}
+    lines = []
+    for m in dict.fromkeys(r["model"] for r in rows):
+        share = {(r["T"], r["component"]): r["share"] for r in rows if r["model"] == m}
+        Ts = sorted({T for T, _ in share})
+        ends = [T for T in (Ts[0], Ts[-1]) if (T, "mlp") in share and (T, "attention") in share]
+        parts = [f"at {_tok(T)} the MLP takes {share[(T, 'mlp')]:.0%} of the time and attention "
+                 f"{share[(T, 'attention')]:.0%}" for T in dict.fromkeys(ends)]
+        cross = measured_cross.get(m)
+        where = (f"attention's time passes the MLP's from {_tok(cross)} tokens" if cross is not None
+                 else f"attention stays below the MLP up to {_tok(Ts[-1])}")
+        lines.append(f"- **{m}**: {'; '.join(parts)}; {where} (FLOP crossover: {_tok(flop_cross.get(m))}).")
+    return ("**This run's CPU breakdown.**\n" + "\n".join(lines) + "\n\nA measured crossover far below the FLOP "
+            "crossover means attention runs at a lower FLOP rate than the FFN on this CPU (next table), which "
+            "shrinks the share of time FFN sparsity can remove.")
