@@ -147,3 +147,34 @@ def decode_context_chart(rows: Sequence[Mapping[str, Any]]) -> plt.Figure:
                  fontsize=10)
     fig.tight_layout()
     return fig
+
+
+def niah_heatmaps(cells: Sequence[Mapping[str, Any]], model: str) -> plt.Figure:
+    """Needle retrieval (0-100 %) per depth bin (rows) and context length (columns), one panel per configuration."""
+    rows = [c for c in cells if c["model"] == model]
+    configs = list(dict.fromkeys(c["config"] for c in rows))
+    lengths = sorted({c["length"] for c in rows})
+    bins = sorted({c["depth_bin"] for c in rows})
+    fig, axes = plt.subplots(1, len(configs), figsize=(2.2 + 2.0 * len(configs), 3.4), squeeze=False, sharey=True)
+    im = None
+    for ax, cfg in zip(axes[0], configs):
+        grid = np.full((len(bins), len(lengths)), np.nan)  # [depth bin, length]
+        for c in rows:
+            if c["config"] == cfg:
+                grid[bins.index(c["depth_bin"]), lengths.index(c["length"])] = c["score"]
+        im = ax.imshow(grid, vmin=0, vmax=100, cmap="RdYlGn", aspect="auto", origin="upper")
+        ax.grid(False)
+        for (i, j), v in np.ndenumerate(grid):
+            if not np.isnan(v):
+                ax.text(j, i, f"{v:.0f}", ha="center", va="center", fontsize=9,
+                        color="white" if v < 25 or v > 80 else "black")
+        ax.set_xticks(range(len(lengths)), [f"{t // 1024}K" if t >= 1024 else str(t) for t in lengths])
+        ax.set_title(cfg, fontsize=9)
+    depth = {c["depth_bin"]: (c["depth_lo"], c["depth_hi"]) for c in rows}
+    axes[0, 0].set_yticks(range(len(bins)), [f"{depth[b][0]:.0%}-{depth[b][1]:.0%}" for b in bins])
+    axes[0, 0].set_ylabel("needle depth")
+    if im is not None:
+        fig.colorbar(im, ax=axes[0].tolist(), fraction=0.025, pad=0.02, label="needles retrieved (%)")
+    fig.supxlabel("context length (tokens)", fontsize=10)
+    fig.suptitle(f"Needle in a haystack, {model}", fontsize=11)
+    return fig
