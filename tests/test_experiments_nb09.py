@@ -47,3 +47,4 @@ def test_cells_bin_by_depth_and_length() -> None:
     text = nb09.reading(cells, gaps)
     assert "weakest cell 0 % at 1024 tokens, depth 50%-100%" in text
     assert "-25.0 points [-50.0, +0.0] (not resolved)" in text and "-20.0 % [-30.0, -5.0] (resolved)" in text
+

@@ -661,3 +661,44 @@ def last_chunk_rows(model_key: str, specs: Sequence[TokenDropSpec], records: Map
                     "prompts": len(recs), "last_chunk_kept_on_its_score": n_last,
                     "same_selection_as_forced": same if twin else None})
     return out
+
+
+# ----------------------------------------------------------------------------- reading (Markdown from the numbers)
+def _gap(lo: float, hi: float) -> str:
+    return "resolved" if lo > 0 or hi < 0 else "not resolved"
+
+
+def headline_reading(headline: Sequence[dict[str, Any]], suite_rows: Sequence[dict[str, Any]]) -> str:
+    """Per model: the best SpecPrefill, FastForward and combined points (FLOPs, continuation NLL gap, measured TTFT),
+    how the gaps add up, the suite's paired gaps and the passkey counts, all read from this run's tables."""
+    out = []
+    for h in headline:
+        m = h["model"]
+        lines = [f"**{m}**"]
+        for key, name in (("specprefill", "SpecPrefill (best point)"), ("fastforward", "FastForward"),
+                          ("combination", "the combination (best point)")):
+            label = h.get(f"{key}_best") or h.get(key)
+            if label is None:
+                continue
+            text = (f"- {name}, {label}: {h[f'{key}_flops_speedup']:.2f}x fewer FLOPs at "
+                    f"{h[f'{key}_rel_nll_gap_%']:+.1f} % continuation NLL")
+            if f"{key}_ttft_measured_speedup" in h:
+                text += f"; measured TTFT {h[f'{key}_ttft_measured_speedup']:.2f}x"
+            lines.append(text + ".")
+        if all(f"{k}_rel_nll_gap_%" in h for k in ("combination", "fastforward")):
+            p05 = h.get(f"specprefill_p0.5_{SPECULATORS[0]}_rel_nll_gap_%")
+            if p05 is not None and "p=0.5" in str(h.get("combination_best", "")):
+                total = p05 + h["fastforward_rel_nll_gap_%"]
+                kind = "sub-additive" if h["combination_rel_nll_gap_%"] < total else "super-additive"
+                lines.append(f"- The combination's NLL gap ({h['combination_rel_nll_gap_%']:+.1f} %) against the sum of "
+                             f"its parts (SpecPrefill p=0.5 {p05:+.1f} %, FastForward {h['fastforward_rel_nll_gap_%']:+.1f} %): {kind}.")
+        for r in suite_rows:
+            if r["model"] == m and r["config"] != DENSE_LABEL:
+                lo, hi = r["rel_gap_ci_low"], r["rel_gap_ci_high"]
+                lines.append(f"- Suite, {r['config']}: {r['rel_gap_pct']:+.1f} % vs dense [{lo:+.1f}, {hi:+.1f}] "
+                             f"({_gap(lo, hi)}; {r['flops_speedup']:.2f}x FLOPs).")
+        pk = [f"{k.removeprefix('passkey_')} {v}" for k, v in h.items() if k.startswith("passkey_")]
+        if pk:
+            lines.append("- Passkey retrieved: " + ", ".join(pk) + ".")
+        out.append("\n".join(lines))
+    return "\n\n".join(out)
