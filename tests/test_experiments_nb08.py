@@ -16,3 +16,9 @@ def test_nb08_headline_reading_follows_the_numbers() -> None:
     text = nb08.headline_reading(head, suite)
     assert "1.80x fewer FLOPs at +3.7 %" in text and "super-additive" in text  # 7.0 > 3.6 + 2.7
     assert "Suite, FF 50%: -5.0 % vs dense [-9.0, -1.0] (resolved" in text and "dense 2/2" in text
+
+
+def test_nb08_reading_names_a_missing_relative_gap() -> None:
+    suite = [{"model": "m", "config": "FF 50%", "rel_gap_pct": float("nan"), "rel_gap_ci_low": float("nan"),
+              "rel_gap_ci_high": float("nan"), "flops_speedup": 1.3}]
+    assert "no relative gap (the dense average is 0)" in nb08.headline_reading([{"model": "m"}], suite)

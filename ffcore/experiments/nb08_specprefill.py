@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import statistics
 import time
 from pathlib import Path
@@ -695,6 +696,9 @@ def headline_reading(headline: Sequence[dict[str, Any]], suite_rows: Sequence[di
         for r in suite_rows:
             if r["model"] == m and r["config"] != DENSE_LABEL:
                 lo, hi = r["rel_gap_ci_low"], r["rel_gap_ci_high"]
+                if any(math.isnan(x) for x in (r["rel_gap_pct"], lo, hi)):
+                    lines.append(f"- Suite, {r['config']}: no relative gap (the dense average is 0).")
+                    continue
                 lines.append(f"- Suite, {r['config']}: {r['rel_gap_pct']:+.1f} % vs dense [{lo:+.1f}, {hi:+.1f}] "
                              f"({_gap(lo, hi)}; {r['flops_speedup']:.2f}x FLOPs).")
         pk = [f"{k.removeprefix('passkey_')} {v}" for k, v in h.items() if k.startswith("passkey_")]
