@@ -239,6 +239,8 @@ def publish(executed: Path, dest: Path, root: Path, git_commit: str, profile: st
             continue
         for key in ("papermill", "execution"):
             cell.metadata.pop(key, None)
+        if cell.metadata.get("tags") == []:  # papermill adds an empty tag list to every untagged cell
+            cell.metadata.pop("tags")
         if cell.cell_type == "code":
             outs = []
             for out in cell.get("outputs", []):
@@ -254,6 +256,7 @@ def publish(executed: Path, dest: Path, root: Path, git_commit: str, profile: st
         cells.append(cell)
     nb.cells = cells
     nb.metadata.pop("papermill", None)
+    _bare_language_info(nb)
     nb.metadata[PUBLISHED_KEY] = {"profile": profile, "seed": int(seed), "git_commit": git_commit}
     problems = published_problems(nb)
     if problems:
@@ -265,6 +268,13 @@ def publish(executed: Path, dest: Path, root: Path, git_commit: str, profile: st
     return dest
 
 
+def _bare_language_info(nb: nbformat.NotebookNode) -> None:
+    """Keep only the language name: the kernel fills in its Python version and lexer when it runs."""
+    info = nb.metadata.get("language_info")
+    if isinstance(info, dict) and "name" in info:
+        nb.metadata["language_info"] = {"name": info["name"]}
+
+
 def cleared(text: str) -> str:
     """A notebook's JSON text with every output, execution count and run metadata removed (its source)."""
     try:
@@ -273,9 +283,12 @@ def cleared(text: str) -> str:
         raise ValueError(f"not a readable notebook: {exc}") from exc
     nb.metadata.pop(PUBLISHED_KEY, None)
     nb.metadata.pop("papermill", None)
+    _bare_language_info(nb)
     for cell in nb.cells:
         for key in ("papermill", "execution"):
             cell.metadata.pop(key, None)
+        if cell.metadata.get("tags") == []:
+            cell.metadata.pop("tags")
         if cell.cell_type == "code":
             cell.outputs, cell.execution_count = [], None
     return nbformat.writes(nb)

@@ -89,20 +89,32 @@ def kl_comparison_table(rows: Sequence[Row]) -> str:
     return _pair_table(rows, "kl", "kl_change_pct", (4, 1), ["KL to dense", "KL change, % [95 % CI]"])
 
 
-def predictor_table(rows: Sequence[Row]) -> str:
-    """Notebook 03's layer-mean selection quality at 50 % density: recall and captured oracle mass per policy."""
-    body = [[r.get("model", "?"), r.get("policy", "?"), _num(r.get("recall"), 3), _num(r.get("mass"), 3)]
-            for r in rows if isinstance(r.get("density"), (int, float)) and abs(r["density"] - 0.5) < 1e-9]
-    return _md_table(["model", "expert selection", "recall of oracle top-K", "captured oracle mass"], body)
+def heldout_kl_table(rows: Sequence[Row], what: str = "variant", versus: str = "kl_minus_fbs",
+                     versus_label: str = "minus first-block static [95 % CI]") -> str:
+    """Notebooks 03/04: continuation KL on held-out windows (all families pooled) beside first-block static and the oracle."""
+    body = [[r.get("model", "?"), str(r.get(what, "?")), str(r.get("scope", "?")), _num(r.get("kl"), 4),
+             _num(r.get("kl_first_block_static"), 4), _num(r.get("kl_oracle"), 4),
+             f"{_num(None if r.get('gap_closed') is None else 100 * r['gap_closed'], 0)} "
+             f"{_ci(*[None if x is None else 100 * x for x in (r.get('gap_closed_ci') or (None, None))], 0)}",
+             f"{_num(r.get(versus), 4, True)} {_ci(*(r.get(f'{versus}_ci') or (None, None)), 4, True)}",
+             str(r.get("n", "?"))]
+            for r in rows if r.get("family") == "all"]
+    return _md_table(["model", what, "windows", "KL to dense", "first-block static", "per-block oracle",
+                      "gap closed, % [95 % CI]", versus_label, "n"], body)
+
+
+def compensator_e2e_table(rows: Sequence[Row]) -> str:
+    """Notebook 04: the deployed predictor with each compensator, held-out continuation KL (all families pooled)."""
+    return heldout_kl_table(rows, "config", "kl_minus_no_compensator", "minus no compensator [95 % CI]")
 
 
 def compensator_table(rows: Sequence[Row]) -> str:
     """Notebook 04's layer-mean FFN-output error at 50 % density with predictor masks, per compensator."""
-    body = [[r.get("model", "?"), str(r.get("compensator", "?")), _num(r.get("rel_err"), 4),
+    body = [[r.get("model", "?"), str(r.get("scope", "-")), str(r.get("compensator", "?")), _num(r.get("rel_err"), 4),
              _num(None if r.get("reduction") is None else 100 * r["reduction"], 1), _num(r.get("corr_to_err"), 3)]
             for r in rows if r.get("source") == "predictor" and isinstance(r.get("density"), (int, float))
             and abs(r["density"] - 0.5) < 1e-9]
-    return _md_table(["model", "compensator", "relative FFN-output error", "error reduction, %",
+    return _md_table(["model", "blocks", "compensator", "relative FFN-output error", "error reduction, %",
                       "correction / error norm"], body)
 
 
@@ -183,10 +195,13 @@ SECTIONS: tuple[Section, ...] = (
     Section("02_attention_sink_calibration", "Layer-wise schedules by continuation KL, oracle experts (paper Table 4's "
             "question; window-aware vs the paper's literal s_i)", schedule_kl_table, "02_attention_sink_calibration",
             rows_key="schedule_kl"),
-    Section("03_predictor_comparison", "Expert predictor vs baselines, held-out blocks at 50 % density (paper Table 7, offline)",
-            predictor_table, "03_predictor_training"),
+    Section("03_predictor_kl", "Expert predictor on held-out windows at 50 % density: continuation KL to dense, "
+            "out of domain = families left out of training (paper Table 7's question)", heldout_kl_table,
+            "03_predictor_training"),
     Section("04_compensator_comparison", "Error compensator on held-out blocks, predictor masks, 50 % density "
             "(paper Table 6, offline)", compensator_table, "04_compensator_training"),
+    Section("04_compensator_e2e", "Full method on held-out windows, 50 % density: continuation KL per compensator "
+            "(paper Table 6's question, end to end)", compensator_e2e_table, "04_compensator_training"),
     Section("05_task_selection", "Local suite: dense score vs chance per task", selection_table, "05_accuracy"),
     Section("05_table2", "Accuracy vs FFN sparsity (paper Table 2)", accuracy_table, "05_accuracy"),
     Section("05_table3", "Sparsity in prefill only vs also in generation (paper Table 3)", accuracy_table, "05_accuracy"),

@@ -83,14 +83,16 @@ def _executed(root: Path) -> nbformat.NotebookNode:
     from nbformat.v4 import new_output
 
     injected = new_code_cell('PROFILE = "full"\nSEED = 0', metadata={"tags": ["injected-parameters"]})
-    work = new_code_cell("run()", metadata={"papermill": {"duration": 1.0}, "execution": {"iopub.status.busy": "x"}})
+    work = new_code_cell("run()", metadata={"papermill": {"duration": 1.0}, "execution": {"iopub.status.busy": "x"},
+                                            "tags": []})
     work.outputs = [
         new_output("stream", name="stderr", text=f"{root}/.venv/lib/tqdm.py:1: TqdmWarning\n 10%|#   | 1/10\r100%|####| 10/10\n"),
         new_output("stream", name="stdout", text=f"wrote {root}/results/01_x.json\nrun 3.0 s\n"),
     ]
     work.execution_count = 1
-    nb = _nb(new_markdown_cell("# t"), _params('PROFILE = "full"\nSEED = 0'), injected, work)
+    nb = _nb(new_markdown_cell("# t", metadata={"tags": []}), _params('PROFILE = "full"\nSEED = 0'), injected, work)
     nb.metadata["papermill"] = {"input_path": f"{root}/notebooks/01_x.ipynb"}
+    nb.metadata["language_info"] = {"name": "python", "version": "3.11.7", "mimetype": "text/x-python"}
     return nb
 
 
@@ -103,6 +105,14 @@ def test_publish_keeps_outputs_and_removes_machine_traces(tmp_path: Path) -> Non
     assert [c.source for c in nb.cells][-1] == "run()" and len(nb.cells) == 3  # injected cell gone
     assert nb.metadata["ffcore"] == {"profile": "full", "seed": 0, "git_commit": "abc1234"}
     assert "papermill" not in nb.metadata and "papermill" not in nb.cells[-1].metadata
+    assert "tags" not in nb.cells[0].metadata and "tags" not in nb.cells[-1].metadata  # papermill's empty lists
+    source = _nb(new_markdown_cell("# t"), _params('PROFILE = "full"\nSEED = 0'), new_code_cell("run()"))
+    source.metadata["language_info"] = {"name": "python"}
+    def bare(text: str) -> tuple:  # a cleared notebook without its random cell ids
+        nb = nbformat.reads(nbs.cleared(text), as_version=4)
+        return dict(nb.metadata), [(c.cell_type, dict(c.metadata), c.source) for c in nb.cells]
+
+    assert bare(dest.read_text()) == bare(nbformat.writes(source))  # the committed source is unchanged
     (out,) = nb.cells[-1].outputs  # stderr dropped, stdout kept
     assert out["text"] == "wrote results/01_x.json\nrun 3.0 s\n"
     assert nbs.lint_notebook(nb) == []

@@ -124,6 +124,23 @@ def test_speed_compensator_and_specprefill_tables():
              "reduction": 0.0, "corr_to_err": 0.0}]
     text = RR.compensator_table(comp)
     assert "12.3" in text and "0.5000" not in text  # predictor masks only
+
+
+def test_heldout_kl_tables():
+    rows = [{"model": "m", "variant": "predictor", "scope": "out of domain", "family": "all", "n": 20, "kl": 0.15617,
+             "kl_first_block_static": 0.19277, "kl_oracle": 0.08703, "gap_closed": 0.3461,
+             "gap_closed_ci": [0.0976, 0.5099], "kl_minus_fbs": -0.0366, "kl_minus_fbs_ci": [-0.07376, -0.00713]},
+            {"model": "m", "variant": "predictor", "scope": "out of domain", "family": "legal", "n": 2, "kl": 9.0,
+             "kl_first_block_static": 9.0, "kl_oracle": 9.0, "gap_closed": 0.0, "gap_closed_ci": [0.0, 0.0],
+             "kl_minus_fbs": 0.0, "kl_minus_fbs_ci": [0.0, 0.0]}]
+    text = RR.heldout_kl_table(rows)
+    assert ("| m | predictor | out of domain | 0.1562 | 0.1928 | 0.0870 | 35 [10, 51] | -0.0366 [-0.0738, -0.0071] "
+            "| 20 |") in text and "9.0000" not in text  # pooled rows only
+    e2e = [{"model": "m", "config": "plain compensator", "scope": "in domain", "family": "all", "n": 8, "kl": 0.064,
+            "kl_first_block_static": 0.108, "kl_oracle": 0.057, "gap_closed": 0.856, "gap_closed_ci": [0.6451, 1.164],
+            "kl_minus_no_compensator": -0.0273, "kl_minus_no_compensator_ci": [-0.0425, -0.0145]}]
+    text = RR.compensator_e2e_table(e2e)
+    assert "minus no compensator" in text and "| 86 [65, 116] | -0.0273 [-0.0425, -0.0145] | 8 |" in text
     spec = [{"model": "m", "method": "dense", "keep_rate": None, "sparsity": None, "speculator": None,
              "flops_speedup": 1.0, "rel_nll_gap": 0.0, "n_samples": 4},
             {"model": "m", "method": "specprefill", "keep_rate": 0.3, "sparsity": None, "speculator": "first 8 layers",

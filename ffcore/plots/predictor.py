@@ -5,7 +5,6 @@ from typing import Any, Sequence
 
 import matplotlib.pyplot as plt
 import numpy as np
-from matplotlib.ticker import MaxNLocator
 from torch import Tensor
 
 from ffcore.plots import PALETTE
@@ -131,29 +130,4 @@ def training_curves(histories: dict[str, list[dict[str, Any]]]) -> "plt.Figure":
     ax1.legend(fontsize=8)
     ax2.legend(fontsize=8)
     fig.tight_layout()
-    return fig
-
-
-def per_layer_quality(rows_by_model: dict[str, Sequence[dict[str, Any]]], density: float = 0.5) -> "plt.Figure":
-    """Per-layer recall of the oracle top-K and captured mass per policy, one column per model."""
-    names = list(rows_by_model)
-    fig, axes = plt.subplots(2, len(names), figsize=(5.5 * len(names), 6.2), squeeze=False, sharey="row")
-    for col, name in enumerate(names):
-        rows = [r for r in rows_by_model[name] if r["density"] == density and r["layer"] >= 0]
-        for c, pol in zip(PALETTE, POLICY_ORDER):
-            sel = sorted((r for r in rows if r["policy"] == pol), key=lambda r: r["layer"])
-            if not sel:
-                continue
-            for row, metric in enumerate(("recall", "mass")):
-                axes[row, col].plot([r["layer"] for r in sel], [r[metric] for r in sel], marker="o", ms=3,
-                                    color=c, label=POLICY_LABELS[pol])
-        axes[0, col].set_title(f"{name}, density {density:.0%}")
-        axes[0, col].set_ylabel("recall of oracle top-K")
-        axes[1, col].set_ylabel("captured importance mass")
-        axes[1, col].set_xlabel("layer")
-        for ax in axes[:, col]:
-            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    handles, labels = axes[0, 0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8, bbox_to_anchor=(0.5, -0.03))
-    fig.tight_layout(rect=(0, 0.04, 1, 1))
     return fig
